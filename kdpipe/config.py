@@ -1,0 +1,183 @@
+"""The one parameter schema. ``params.yaml`` mirrors it; nothing else defines a parameter.
+
+Loading order: the YAML file (``params.yaml`` by default), then ``--set key=value`` overrides.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key,
+before any work is done (the CLI turns it into exit code 2).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A parameter problem, already phrased for the user (names the key)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataCfg(_Section):
+    name: Literal["digits", "imagefolder", "mnist", "cifar10"] = "digits"
+    root: str | None = None  # imagefolder: <root>/train/<class>/*; mnist/cifar10: torchvision root
+    image_size: int | None = Field(None, ge=4, le=1024)  # square H=W; None = the dataset's own
+    channels: Literal[1, 3] | None = None  # None = the dataset's own
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    private: bool = False  # data-free stages refuse anything that would read the real data
+
+
+class TrainCfg(_Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class TeacherCfg(TrainCfg):
+    arch: str = "digits_cnn"
+    checkpoint: str | None = None  # bring your own teacher (state_dict, weights_only=True)
+
+
+class StudentCfg(_Section):
+    arch: str = "digits_cnn_small"
+
+
+class BaselineCfg(TrainCfg):
+    """The student's architecture trained from scratch on the real data (where it may be used)."""
+
+    enabled: bool = True
+
+
+class SynthesizeCfg(_Section):
+    # buffer / schedule
+    capacity: int = Field(4096, ge=16)  # synthetic samples kept (SSD-KD: ~10 % of the real set)
+    rounds: int = Field(50, ge=1)  # synthesize-then-distill rounds
+    batch_size: int = Field(256, ge=2)  # generated per round (enters the buffer: partial update)
+    g_steps: int = Field(5, ge=1)  # generator steps per round (warm-started: Fast-DFKD)
+    kd_steps: int = Field(10, ge=0)  # proxy-student KD steps per round (feeds the adversarial term)
+    warmup_rounds: int = Field(5, ge=0)  # rounds without adversarial term
+    # generator
+    nz: int = Field(256, ge=8)
+    ngf: int = Field(32, ge=8)
+    lr_g: float = Field(3e-3, gt=0)
+    lr_z: float = Field(1e-2, ge=0)  # 0: latent codes are not optimised
+    # loss weights (0 switches a term off)
+    w_ce: float = Field(1.0, ge=0)
+    w_bn: float = Field(10.0, ge=0)
+    w_adv: float = Field(0.5, ge=0)
+    w_act: float = Field(0.0, ge=0)  # DAFL activation term
+    w_ie: float = Field(1.0, ge=0)  # DAFL information entropy (class balance)
+    bn_momentum: float = Field(0.9, ge=0, lt=1)  # Fast: batch stats mixed with momentum
+    # SSD-KD parts
+    phi: bool = True  # modulating function on generator and KD losses
+    phi_gamma: float = Field(2.0, ge=0)
+    phi_clip: float = Field(5.0, gt=1)
+    balanced_targets: bool = True  # draw target classes inversely to the buffer histogram
+    priority: bool = True  # prioritized replay for the proxy student (and the distill stage)
+    alpha: float = Field(0.6, ge=0)
+    beta0: float = Field(0.4, ge=0, le=1)
+    meta: bool = False  # Reptile-style meta update of the generator (Fast's fast/meta warm start)
+    meta_lr: float = Field(0.5, gt=0, le=1)
+    kd_lr: float = Field(0.05, gt=0)
+    temperature: float = Field(4.0, gt=0)
+
+
+class DistillCfg(_Section):
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(1.0, ge=0, le=1)  # weight of KD; (1-alpha) on CE to the teacher's argmax
+    priority: bool = True  # draw batches by prioritized replay over the synthetic set
+    phi: bool = True  # weight per-sample KD by the modulating function
+    augment: bool = False  # random shifts of the synthetic images, re-labelled by the frozen teacher
+
+
+class ExportCfg(_Section):
+    opset: int = Field(18, ge=13, le=23)
+    atol: float = Field(1e-4, gt=0)
+
+
+class TrackingCfg(_Section):
+    enabled: bool = True
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project
+    experiment: str = "kdpipe"
+
+
+class Config(_Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataCfg = DataCfg()
+    teacher: TeacherCfg = TeacherCfg()
+    student: StudentCfg = StudentCfg()
+    baseline: BaselineCfg = BaselineCfg()
+    synthesize: SynthesizeCfg = SynthesizeCfg()
+    distill: DistillCfg = DistillCfg()
+    export: ExportCfg = ExportCfg()
+    tracking: TrackingCfg = TrackingCfg()
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of every parameter (the 'params hash')."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _fmt_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid parameters: " + "; ".join(lines)
+
+
+def _parse_value(text: str):
+    """--set values are YAML scalars: 8, 0.5, true, null, digits, [1, 2]."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"unknown key '{key}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = _parse_value(value)
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | tuple = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at top level")
+    for item in overrides:
+        apply_override(tree, item)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_fmt_error(e)) from None

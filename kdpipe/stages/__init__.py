@@ -1,0 +1,27 @@
+"""The stages, in DAG order. ``run_stage`` is the one way any caller (CLI, dvc repro, Prefect)
+executes a stage: it opens the stage's MLflow child run and prints the one-line summary."""
+from __future__ import annotations
+
+import importlib
+import time
+
+from kdpipe.config import Config
+
+STAGES = ["prepare", "train-teacher", "baseline", "synthesize", "distill", "evaluate", "export"]
+# stages that must never read the real data
+DATA_FREE = {"synthesize", "distill"}
+
+
+def run_stage(name: str, cfg: Config) -> dict:
+    from kdpipe.tracking import stage_run
+
+    if name not in STAGES:
+        raise ValueError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}")
+    module = importlib.import_module(f"kdpipe.stages.{name.replace('-', '_')}")
+    t0 = time.perf_counter()
+    with stage_run(cfg, name) as tracker:
+        summary = module.run(cfg, tracker)
+        wall = time.perf_counter() - t0
+        tracker.log_metrics({"stage_wall_s": wall})
+    print(f"[kdpipe] {name:<13} {wall:6.1f}s  " + "  ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+    return summary

@@ -1,0 +1,26 @@
+"""Stage baseline: the student's architecture trained from scratch on the real train split, so that
+evaluate can show data-free KD beside it. Writes data/baseline/ (``enabled: false`` when switched off
+or when the data is private)."""
+from kdpipe import data, paths
+from kdpipe.config import Config
+from kdpipe.models import build_model, make_spec
+from kdpipe.train import fit_supervised
+from kdpipe.utils import pick_device, save_json, save_torch, seed_everything
+
+
+def run(cfg: Config, tracker) -> dict:
+    if not cfg.baseline.enabled:
+        (paths.BASELINE / "model.pt").unlink(missing_ok=True)
+        save_json({"enabled": False}, paths.BASELINE / "spec.json")
+        return {"enabled": False}
+    g = seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    spec = make_spec(cfg.student.arch, data.load_meta())
+    model = build_model(spec).to(device)
+    x, y = data.load_split("train", device)
+    xv, yv = data.load_split("val", device)
+    tracker.log_params({"baseline": cfg.baseline.model_dump(mode="json"), "student.arch": cfg.student.arch})
+    res = fit_supervised(model, x, y, xv, yv, cfg.baseline, tracker, "baseline", generator=g)
+    save_torch(model.state_dict(), paths.BASELINE / "model.pt")
+    save_json({**spec, "enabled": True}, paths.BASELINE / "spec.json")
+    return {"val_acc": round(res["val_acc"], 4)}

@@ -1,0 +1,83 @@
+"""Stage evaluate: teacher, data-free student and (when it exists) the from-scratch baseline on the
+real test split -> data/reports/metrics.json (DVC metrics), confusion matrices (PNG + CSV for DVC
+plots) and per-class accuracy."""
+from __future__ import annotations
+
+import torch
+
+from kdpipe import data, paths
+from kdpipe.config import Config
+from kdpipe.models import build_model
+from kdpipe.train import predict
+from kdpipe.utils import atomic_path, load_json, load_torch, pick_device, save_figure, save_json
+
+
+def load_model(folder, device):
+    spec = load_json(folder / "spec.json")
+    if not spec.get("enabled", True):
+        return None, spec
+    model = build_model(spec)
+    model.load_state_dict(load_torch(folder / "model.pt"))
+    return model.to(device).eval(), spec
+
+
+def confusion(pred: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
+    return torch.bincount(y * C + pred, minlength=C * C).view(C, C)
+
+
+def plot_confusion(cm: torch.Tensor, classes: list[str], title: str, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(0.5 * len(classes) + 2, 0.5 * len(classes) + 1.5))
+    ax.imshow(cm.numpy(), cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def run(cfg: Config, tracker) -> dict:
+    device = pick_device(cfg.device)
+    x, y = data.load_split("test", device)
+    classes = data.load_meta()["classes"]
+    C = len(classes)
+    models = {"teacher": paths.TEACHER, "student": paths.STUDENT, "baseline": paths.BASELINE}
+    preds, metrics = {}, {"n_test": len(y)}
+    for name, folder in models.items():
+        model, _ = load_model(folder, device)
+        if model is None:
+            continue
+        p = predict(model, x).argmax(1)
+        preds[name] = p
+        cm = confusion(p.cpu(), y.cpu(), C)
+        per_class = (cm.diag().float() / cm.sum(1).clamp_min(1)).tolist()
+        metrics[name] = {"accuracy": (p == y).float().mean().item(),
+                         "per_class": {c: round(a, 4) for c, a in zip(classes, per_class)}}
+        plot_confusion(cm, classes, f"{name}: acc {metrics[name]['accuracy']:.4f}", paths.REPORTS / "figures" / f"confusion_{name}.png")
+        tracker.log_artifact(paths.REPORTS / "figures" / f"confusion_{name}.png")
+        tracker.log_metrics({f"{name}_accuracy": metrics[name]["accuracy"]})
+    metrics["agreement"] = (preds["student"] == preds["teacher"]).float().mean().item()
+    metrics["student_over_teacher"] = metrics["student"]["accuracy"] / max(metrics["teacher"]["accuracy"], 1e-9)
+    tracker.log_metrics({"agreement": metrics["agreement"], "student_over_teacher": metrics["student_over_teacher"]})
+    with atomic_path(paths.REPORTS / "predictions.csv") as tmp:
+        tmp.write_text("actual,predicted\n" + "".join(
+            f"{classes[a]},{classes[b]}\n" for a, b in zip(y.tolist(), preds["student"].tolist())))
+    with atomic_path(paths.REPORTS / "per_class.csv") as tmp:
+        cols = [m for m in ("teacher", "student", "baseline") if m in metrics]
+        tmp.write_text("class," + ",".join(cols) + "\n" + "".join(
+            f"{c}," + ",".join(str(metrics[m]["per_class"][c]) for m in cols) + "\n" for c in classes))
+    save_json(metrics, paths.REPORTS / "metrics.json")
+    tracker.log_artifact(paths.REPORTS / "metrics.json")
+    out = {k: round(metrics[k]["accuracy"], 4) for k in ("teacher", "student", "baseline") if k in metrics}
+    return {**out, "agreement": round(metrics["agreement"], 4)}

@@ -1,0 +1,109 @@
+"""The synthetic buffer (SSD-KD's partially-updated replay buffer) and prioritized replay δ.
+
+Buffer: fixed capacity, kept on the device as uint8 images (exactly what is saved) with the
+teacher's logits. ``add`` is a partial update: new entries enter with the current maximum priority;
+when full, the oldest entry of the most over-represented (teacher-predicted) class leaves first.
+
+Prioritized replay (Schaul et al. 2016), the RL sampler SSD-KD names:
+    p_i  = KL(teacher(x_i) ‖ student(x_i)) + ε
+    P(i) = p_i^α / Σ_k p_k^α
+    w_i  = (N · P(i))^(−β) / max_j w_j      (β annealed β₀ → 1; max over the drawn batch)
+"""
+from __future__ import annotations
+
+import torch
+
+
+def priority_probs(priorities: torch.Tensor, alpha: float) -> torch.Tensor:
+    p = priorities.double().clamp_min(0) ** alpha
+    return p / p.sum()
+
+
+def importance_weights(probs: torch.Tensor, idx: torch.Tensor, beta: float) -> torch.Tensor:
+    w = (probs.numel() * probs[idx]) ** (-beta)
+    return (w / w.max()).float()
+
+
+def prioritized_sample(priorities: torch.Tensor, n: int, alpha: float, beta: float,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``n`` indices (with replacement) with P(i) ∝ p_i^α; return (indices, importance weights)."""
+    probs = priority_probs(priorities, alpha)
+    idx = torch.multinomial(probs.cpu().float(), n, replacement=True, generator=generator).to(priorities.device)
+    return idx, importance_weights(probs, idx, beta)
+
+
+def anneal_beta(beta0: float, step: int, total: int) -> float:
+    return beta0 + (1.0 - beta0) * min(1.0, step / max(1, total))
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, shape: tuple[int, ...], num_classes: int, device="cpu"):
+        self.capacity, self.num_classes = capacity, num_classes
+        self.x = torch.zeros(capacity, *shape, dtype=torch.uint8, device=device)
+        self.logits = torch.zeros(capacity, num_classes, device=device)
+        self.priority = torch.zeros(capacity, device=device)
+        self.age = torch.zeros(capacity, dtype=torch.long, device=device)  # insertion counter
+        self.size, self.clock = 0, 0
+
+    @staticmethod
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def images(self, idx=None) -> torch.Tensor:
+        x = self.x[: self.size] if idx is None else self.x[idx]
+        return x.float() / 255.0
+
+    def preds(self) -> torch.Tensor:
+        return self.logits[: self.size].argmax(1)
+
+    def histogram(self) -> torch.Tensor:
+        return torch.bincount(self.preds(), minlength=self.num_classes)
+
+    def class_freq(self) -> torch.Tensor | None:
+        """p̄ over the buffer (mean teacher probabilities), for φ's diversity term."""
+        if self.size == 0:
+            return None
+        return torch.softmax(self.logits[: self.size], 1).mean(0)
+
+    def _evict(self, k: int) -> torch.Tensor:
+        """Slots of k entries to replace: repeatedly the oldest of the most over-represented class."""
+        preds, age = self.preds().cpu(), self.age[: self.size].cpu()
+        counts = torch.bincount(preds, minlength=self.num_classes)
+        order = {c: (preds == c).nonzero().flatten()[age[preds == c].argsort()].tolist()
+                 for c in range(self.num_classes)}
+        slots = []
+        for _ in range(k):
+            c = int(counts.argmax())
+            slots.append(order[c].pop(0))
+            counts[c] -= 1
+        return torch.tensor(slots, device=self.x.device)
+
+    def add(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        n = x.shape[0]
+        if n > self.capacity:
+            x, logits, n = x[: self.capacity], logits[: self.capacity], self.capacity
+        free = min(n, self.capacity - self.size)
+        slots = torch.arange(self.size, self.size + free, device=self.x.device)
+        if free < n:
+            slots = torch.cat([slots, self._evict(n - free)])
+        p_new = self.priority[: self.size].max() if self.size else torch.tensor(1.0, device=self.x.device)
+        self.size += free
+        self.x[slots] = self.quantize(x)
+        self.logits[slots] = logits.float()
+        self.priority[slots] = p_new
+        self.age[slots] = torch.arange(self.clock, self.clock + n, device=self.x.device)
+        self.clock += n
+
+    def sample(self, n: int, alpha: float, beta: float, generator=None, prioritized: bool = True):
+        if not prioritized:
+            idx = torch.randint(self.size, (n,), generator=generator).to(self.x.device)
+            return idx, torch.ones(n, device=self.x.device)
+        return prioritized_sample(self.priority[: self.size], n, alpha, beta, generator)
+
+    def update_priority(self, idx: torch.Tensor, kl: torch.Tensor, eps: float = 1e-3) -> None:
+        self.priority[idx] = kl.detach().float() + eps
+
+    def state(self) -> dict:
+        s = self.size
+        return {"x": self.x[:s].cpu(), "logits": self.logits[:s].cpu(), "priority": self.priority[:s].cpu(),
+                "age": self.age[:s].cpu()}
