@@ -31,12 +31,12 @@ def dvc_repro(stage: str | None = None, single: bool = False) -> None:
 def summary() -> str:
     m = json.loads((paths.REPORTS / "metrics.json").read_text())
     e = json.loads((paths.EXPORT / "metrics.json").read_text())
-    rows = [f"  {k:<22} {m[k]['accuracy']:.4f}" for k in ("teacher", "student", "baseline") if k in m]
+    names = {"teacher": "teacher", "student": "student (data-free)", "baseline": "baseline (real data)"}
     return "\n".join([
-        "kdpipe summary (real test split, n=%d)" % m["n_test"],
-        *[r.replace("student ", "student (data-free)", 1) if "student" in r else r for r in rows],
-        f"  teacher-student agreement {m['agreement']:.4f}",
-        f"  onnx: {paths.EXPORT / 'student.onnx'}  max|diff| {e['max_abs_diff']:.1e}  top-1 agreement {e['top1_agreement']:.4f}",
+        f"kdpipe summary: accuracy on the real test split (n={m['n_test']})",
+        *[f"  {names[k]:<24} {m[k]['accuracy']:.4f}" for k in names if k in m],
+        f"  {'teacher-student agree':<24} {m['agreement']:.4f}",
+        f"  onnx {paths.EXPORT / 'student.onnx'}: max|diff| {e['max_abs_diff']:.1e}, top-1 agreement {e['top1_agreement']:.4f}",
     ])
 
 

@@ -83,7 +83,8 @@ def stage_run(cfg: Config, stage: str):
     mlflow = _setup(cfg)
     parent = os.environ.get(PARENT_ENV) or None
     tags = {"kdpipe.stage": stage, "kdpipe.params_sha256": cfg.digest(), **git_state()}
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
+    nested = mlflow.active_run() is not None  # in-process pipeline: the parent is this process's run
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=nested, tags=tags) as run:
         yield Tracker(mlflow, run)
 
 

@@ -146,7 +146,7 @@ def run(cfg: Config, tracker) -> dict:
             buf.update_priority(idx, kd_per_sample(sl.detach(), tb, s.temperature))
             kd_step += 1
         hist = buf.histogram()
-        m = {"loss_g": float(loss_g), "bn": float(bn.loss()),
+        m = {"loss_g": loss_g.item(), "bn": bn.loss().item(),
              "buffer": buf.size, "class_entropy": class_entropy(hist), "hist_min": int(hist.min()),
              "hist_max": int(hist.max())}
         tracker.log_metrics(m, step=r)

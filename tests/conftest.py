@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny real project (git + dvc) that the end-to-end tests run for real."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)
+
+# Small enough for a 2-core CI machine; every stage still does its real job.
+TINY = {
+    "teacher": {"epochs": 3},
+    "baseline": {"epochs": 2},
+    "synthesize": {"rounds": 3, "batch_size": 64, "capacity": 192, "g_steps": 2, "kd_steps": 2, "warmup_rounds": 1},
+    "distill": {"epochs": 2, "batch_size": 64},
+}
+
+
+def tiny_params() -> dict:
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        p[section].update(values)
+    return p
+
+
+def project_env(tmp: Path) -> dict:
+    env = os.environ.copy()
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    env["PREFECT_HOME"] = str(tmp / ".prefect")
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "kdpipe test"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@kdpipe.local"
+    env.pop("KDPIPE_PARENT_RUN_ID", None)
+    return env
+
+
+def make_project(dest: Path) -> Path:
+    """A real git + dvc repo holding the pipeline (dvc.yaml, tiny params.yaml, the kdpipe sources)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "kdpipe", dest / "kdpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
+    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (dest / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.prefect/\n__pycache__/\n")
+    env = project_env(dest)
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
+    return dest
+
+
+def run(cmd, cwd, env=None, timeout=600, check=True):
+    r = subprocess.run(cmd, cwd=cwd, env=env or project_env(Path(cwd)), capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def dvc_project(tmp_path_factory):
+    """The tiny project after one real `kdpipe run` (dvc repro under one MLflow parent run)."""
+    proj = make_project(tmp_path_factory.mktemp("proj"))
+    r = run([BIN + "/kdpipe", "run"], proj)
+    return proj, r
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,161 @@
+"""End to end, for real: `kdpipe run` (dvc repro under an MLflow parent run) in a temp git+dvc repo,
+MLflow runs queried back, onnxruntime parity, Prefect flow runs on Prefect's ephemeral server."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import BIN, make_project, project_env, run, tiny_params
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["prepare", "train-teacher", "baseline", "synthesize", "distill", "evaluate", "export"]
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w-]+)'", output))
+
+
+def test_dvc_repro_runs_all_stages_then_nothing(dvc_project):
+    proj, first = dvc_project
+    assert ran_stages(first.stdout) == set(STAGES)
+    assert "kdpipe summary" in first.stdout
+    m = json.loads((proj / "data/reports/metrics.json").read_text())
+    assert {"teacher", "student", "baseline", "agreement"} <= set(m)
+    assert m["teacher"]["accuracy"] > 0.5  # 3 epochs on digits: well above chance (0.1)
+    for f in ("data/synthetic/samples.pt", "data/synthetic/grid.png", "data/student/model.pt",
+              "data/export/student.onnx", "data/reports/figures/confusion_student.png", "dvc.lock"):
+        assert (proj / f).exists(), f
+    second = run(["dvc", "repro"], proj)
+    assert ran_stages(second.stdout) == set()
+    assert "up to date" in run(["dvc", "status"], proj).stdout
+
+
+def test_synthesize_and_distill_do_not_depend_on_real_data(dvc_project):
+    proj, _ = dvc_project
+    stages = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]
+    for s in ("synthesize", "distill"):
+        assert not any(d.startswith("data/prepared") for d in stages[s]["deps"])
+
+
+def test_mlflow_parent_and_child_runs(dvc_project):
+    from mlflow.tracking import MlflowClient
+
+    proj, _ = dvc_project
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdpipe")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kdpipe.stage") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["kdpipe.runner"] == "dvc"
+    children = {r.data.tags["kdpipe.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(STAGES)
+    assert all(c.data.tags["kdpipe.params_sha256"] == parent.data.tags["kdpipe.params_sha256"] for c in children.values())
+    # metrics per epoch
+    teacher = children["train-teacher"]
+    hist = client.get_metric_history(teacher.info.run_id, "val_acc")
+    assert [h.step for h in hist] == [0, 1, 2]
+    assert teacher.data.params["teacher.epochs"] == "3"
+    # artifacts: confusion PNG, synthetic-sample grid, ONNX
+    arts = lambda stage: {a.path for a in client.list_artifacts(children[stage].info.run_id)}  # noqa: E731
+    assert "grid.png" in arts("synthesize")
+    assert "confusion_student.png" in arts("evaluate")
+    assert "student.onnx" in arts("export")
+    assert children["distill"].data.tags["synthetic.sha256"] == json.loads(
+        (proj / "data/synthetic/meta.json").read_text())["sha256"]
+    m = json.loads((proj / "data/reports/metrics.json").read_text())
+    assert children["evaluate"].data.metrics["student_accuracy"] == pytest.approx(m["student"]["accuracy"])
+
+
+def test_onnx_matches_pytorch_in_onnxruntime(dvc_project, monkeypatch):
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from kdpipe import data, paths
+    from kdpipe.stages.evaluate import load_model
+
+    proj, _ = dvc_project
+    monkeypatch.chdir(proj)
+    model = onnx.load(str(paths.EXPORT / "student.onnx"))
+    onnx.checker.check_model(model)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["classes"]) == [str(i) for i in range(10)]
+    assert json.loads(props["input_size"]) == [1, 8, 8]
+    student, _ = load_model(paths.STUDENT, "cpu")
+    x, _ = data.load_split("test")
+    sess = ort.InferenceSession(str(paths.EXPORT / "student.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 7, len(x)):  # dynamic batch
+        got = sess.run(["logits"], {"input": x[:n].numpy()})[0]
+        with torch.no_grad():
+            ref = student(x[:n]).numpy()
+        assert got.shape == (n, 10)
+        assert np.abs(got - ref).max() < 1e-4
+        assert (got.argmax(1) == ref.argmax(1)).all()
+    parity = json.loads((paths.EXPORT / "metrics.json").read_text())
+    assert parity["top1_agreement"] == 1.0 and parity["max_abs_diff"] < 1e-4
+
+
+def _prefect_state(proj, flow_run_id: str) -> str:
+    code = ("import asyncio, uuid\nfrom prefect.client.orchestration import get_client\n"
+            "async def main():\n    async with get_client() as c:\n"
+            f"        r = await c.read_flow_run(uuid.UUID('{flow_run_id}'))\n"
+            "        print(r.state.type.value)\nasyncio.run(main())\n")
+    return run([sys.executable, "-c", code], proj).stdout.strip().splitlines()[-1]
+
+
+def _check_prefect_run(proj, runner: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdpipe")
+    parents = client.search_runs([exp.experiment_id], f"tags.`kdpipe.runner` = '{runner}'")
+    assert len(parents) == 1
+    parent = parents[0]
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    assert flow_run_id
+    assert _prefect_state(proj, flow_run_id) == "COMPLETED"
+    return client, parent
+
+
+def test_prefect_flow_in_process(tmp_path):
+    """A real Prefect flow run (ephemeral server), each task calling the stage in-process."""
+    proj = tmp_path / "flowproj"
+    proj.mkdir()
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    r = run([sys.executable, "-m", "flows.pipeline", "--no-dvc"], proj, timeout=900)
+    assert "kdpipe summary" in r.stdout + r.stderr
+    client, parent = _check_prefect_run(proj, "prefect")
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.data.tags["kdpipe.stage"] for c in children} == set(STAGES)
+    assert (proj / "data/export/student.onnx").exists()
+
+
+def test_prefect_flow_through_dvc(tmp_path):
+    """The same flow in a DVC project: each task is `dvc repro --single-item <stage>`."""
+    proj = make_project(tmp_path / "dvcflow")
+    r = run([sys.executable, "-m", "flows.pipeline"], proj, timeout=900)
+    assert ran_stages(r.stdout) == set(STAGES)
+    _check_prefect_run(proj, "prefect+dvc")
+    assert "up to date" in run(["dvc", "status"], proj).stdout
+
+
+def test_changing_a_distill_param_reruns_only_downstream(dvc_project):
+    proj, _ = dvc_project
+    p = yaml.safe_load((proj / "params.yaml").read_text())
+    p["distill"]["epochs"] = 3
+    (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    r = run(["dvc", "repro"], proj)
+    assert ran_stages(r.stdout) == {"distill", "evaluate", "export"}
+    run(["git", "add", "-A"], proj)
+    run(["git", "commit", "-qm", "distill epochs 3"], proj)
+    e = run(["dvc", "exp", "run", "-S", "distill.temperature=8"], proj)
+    assert ran_stages(e.stdout) == {"distill", "evaluate", "export"}
+    shown = run(["dvc", "exp", "show", "--json"], proj).stdout
+    assert "temperature" in shown

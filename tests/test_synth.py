@@ -1,0 +1,106 @@
+"""The data-free units: generator, BN prior, loss terms, φ, buffer and prioritized replay."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kdpipe.synth.bn_hooks import BNPrior
+from kdpipe.synth.generator import Generator
+from kdpipe.synth.losses import adv_term, ce_term, ie_term
+from kdpipe.synth.phi import phi_weights
+from kdpipe.synth.replay import ReplayBuffer, anneal_beta, importance_weights, priority_probs, prioritized_sample
+
+
+@pytest.mark.parametrize("size, ch", [(8, 1), (28, 1), (32, 3), (224, 3)])
+def test_generator_shapes_and_range(size, ch):
+    g = Generator(nz=16, img_size=size, channels=ch, ngf=8)
+    x = g(torch.randn(2, 16))
+    assert x.shape == (2, ch, size, size)
+    assert x.min() >= 0 and x.max() <= 1
+
+
+def test_bn_loss_zero_when_batch_stats_equal_running():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 5, 5) * 2 + 1
+    bn = nn.BatchNorm2d(3).eval()
+    bn.running_mean.copy_(x.mean((0, 2, 3)))
+    bn.running_var.copy_(x.var((0, 2, 3), unbiased=False))
+    prior = BNPrior(nn.Sequential(bn))
+    bn(x)
+    assert prior.loss().item() == pytest.approx(0.0, abs=1e-5)
+    # shifted input: ‖Δμ‖₂ = ‖(0.5, 0.5, 0.5)‖ = 0.866, variance unchanged
+    bn(x + 0.5)
+    assert prior.loss().item() == pytest.approx(math.sqrt(3) * 0.5, abs=1e-4)
+    prior.remove()
+
+
+def test_loss_terms_values():
+    t = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    assert ce_term(t, torch.tensor([0, 1])).tolist() == pytest.approx([0.0361, 0.0361], abs=1e-3)
+    # student agrees on sample 0 only -> adv is −KL there, 0 on sample 1
+    s = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    a = adv_term(s, t)
+    assert a[0] < 0 and a[1] == 0
+    # entropy term: −H(p̄) is −log C for a perfectly balanced batch
+    balanced = torch.eye(3) * 50
+    assert ie_term(balanced).item() == pytest.approx(-math.log(3), abs=1e-4)
+    assert ie_term(torch.tensor([[50.0, 0, 0]] * 3)).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_phi_monotone_in_teacher_confidence():
+    # same predicted class (0), growing confidence -> φ decreases
+    logits = torch.tensor([[m, 0.0, 0.0] for m in (0.5, 1.0, 2.0, 4.0, 8.0)])
+    w = phi_weights(logits, gamma=2.0, clip=100.0, class_freq=torch.full((3,), 1 / 3))
+    assert torch.all(w[1:] < w[:-1])
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_phi_down_weights_over_represented_class():
+    # equal confidence; class 0 predicted 8 times, class 1 twice -> class-0 samples weigh less
+    logits = torch.tensor([[3.0, 0.0]] * 8 + [[0.0, 3.0]] * 2)
+    w = phi_weights(logits, gamma=2.0, clip=100.0)
+    assert w[:8].max() < w[8:].min()
+    # p = softmax(3, 0) = (0.9526, 0.0474): p̄ = (0.7716, 0.2284), ratio 3.378
+    assert (w[8] / w[0]).item() == pytest.approx(3.378, rel=1e-3)
+
+
+def test_sampler_frequencies_match_p_alpha():
+    pr = torch.tensor([1.0, 2.0, 4.0, 8.0, 0.5])
+    alpha, n = 0.6, 100_000
+    idx, _ = prioritized_sample(pr, n, alpha, 0.4, torch.Generator().manual_seed(0))
+    freq = torch.bincount(idx, minlength=5).double() / n
+    expected = pr.double() ** alpha / (pr.double() ** alpha).sum()
+    # binomial standard error at n=1e5 is ≤ 0.0016; 4.5 sigma tolerance
+    assert torch.allclose(freq, expected, atol=0.007)
+
+
+def test_importance_weights():
+    pr = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    probs = priority_probs(pr, 0.6)
+    idx = torch.arange(4)
+    w = importance_weights(probs, idx, 0.7)
+    assert w.max().item() == pytest.approx(1.0)
+    assert torch.all(w[1:] < w[:-1])  # rarer samples weigh more
+    assert torch.allclose(importance_weights(probs, idx, 0.0), torch.ones(4))
+    equal = priority_probs(torch.ones(4), 0.6)
+    assert torch.allclose(importance_weights(equal, idx, 1.0), torch.ones(4))
+    assert anneal_beta(0.4, 0, 10) == 0.4 and anneal_beta(0.4, 10, 10) == 1.0
+
+
+def test_buffer_partial_update_and_balanced_eviction():
+    buf = ReplayBuffer(capacity=10, shape=(1, 2, 2), num_classes=2)
+    onehot = lambda c, n: torch.nn.functional.one_hot(torch.full((n,), c), 2).float() * 5  # noqa: E731
+    buf.add(torch.rand(8, 1, 2, 2), onehot(0, 8))  # 8 of class 0
+    buf.add(torch.rand(2, 1, 2, 2), onehot(1, 2))  # full: 8 vs 2
+    assert buf.size == 10 and buf.histogram().tolist() == [8, 2]
+    buf.update_priority(torch.arange(10), torch.arange(10).float())
+    buf.add(torch.rand(3, 1, 2, 2), onehot(1, 3))  # evicts 3 oldest of class 0
+    assert buf.histogram().tolist() == [5, 5]
+    ages = buf.age[: buf.size]
+    assert sorted(ages[buf.preds() == 0].tolist()) == [3, 4, 5, 6, 7]
+    # new entries enter with the current max priority (9 + eps)
+    new = ages >= 10
+    assert torch.all(buf.priority[new] == buf.priority.max())
+    # images are stored exactly as saved (uint8)
+    assert buf.x.dtype == torch.uint8
