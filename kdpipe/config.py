@@ -60,10 +60,10 @@ class BaselineCfg(TrainCfg):
 class SynthesizeCfg(_Section):
     # buffer / schedule
     capacity: int = Field(4096, ge=16)  # synthetic samples kept (SSD-KD: ~10 % of the real set)
-    rounds: int = Field(50, ge=1)  # synthesize-then-distill rounds
+    rounds: int = Field(60, ge=1)  # synthesize-then-distill rounds
     batch_size: int = Field(256, ge=2)  # generated per round (enters the buffer: partial update)
     g_steps: int = Field(5, ge=1)  # generator steps per round (warm-started: Fast-DFKD)
-    kd_steps: int = Field(10, ge=0)  # proxy-student KD steps per round (feeds the adversarial term)
+    kd_steps: int = Field(20, ge=0)  # proxy-student KD steps per round (feeds the adversarial term)
     warmup_rounds: int = Field(5, ge=0)  # rounds without adversarial term
     # generator
     nz: int = Field(256, ge=8)
@@ -75,10 +75,11 @@ class SynthesizeCfg(_Section):
     w_bn: float = Field(10.0, ge=0)
     w_adv: float = Field(0.5, ge=0)
     w_act: float = Field(0.0, ge=0)  # DAFL activation term
-    w_ie: float = Field(1.0, ge=0)  # DAFL information entropy (class balance)
+    w_ie: float = Field(0.0, ge=0)  # DAFL information entropy (class balance; balanced_targets does this by default)
     bn_momentum: float = Field(0.9, ge=0, lt=1)  # Fast: batch stats mixed with momentum
     # SSD-KD parts
-    phi: bool = True  # modulating function on generator and KD losses
+    phi: bool = False  # modulating function φ on the generator's adversarial term (off: see docs/benchmarks.md)
+    phi_ce: bool = False  # ... and on the generator's CE term (the note's choice; pushes samples to high confidence)
     phi_gamma: float = Field(2.0, ge=0)
     phi_clip: float = Field(5.0, gt=1)
     balanced_targets: bool = True  # draw target classes inversely to the buffer histogram
@@ -100,7 +101,7 @@ class DistillCfg(_Section):
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(1.0, ge=0, le=1)  # weight of KD; (1-alpha) on CE to the teacher's argmax
     priority: bool = True  # draw batches by prioritized replay over the synthetic set
-    phi: bool = True  # weight per-sample KD by the modulating function
+    phi: bool = False  # weight per-sample KD by the modulating function φ (off: see docs/benchmarks.md)
     augment: bool = False  # random shifts of the synthetic images, re-labelled by the frozen teacher
 
 

@@ -35,6 +35,7 @@ def project_env(tmp: Path) -> dict:
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     env["PREFECT_HOME"] = str(tmp / ".prefect")
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "kdpipe test"
     env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@kdpipe.local"
     env.pop("KDPIPE_PARENT_RUN_ID", None)

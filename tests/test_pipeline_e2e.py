@@ -146,6 +146,32 @@ def test_prefect_flow_through_dvc(tmp_path):
     assert "up to date" in run(["dvc", "status"], proj).stdout
 
 
+def test_data_free_stages_without_the_real_data(dvc_project, tmp_path):
+    """synthesize and distill in a folder that holds the teacher and nothing of the real data give
+    the same synthetic set (same sha256: deterministic on CPU with a seed) and the same student."""
+    import hashlib
+    import shutil
+
+    proj, _ = dvc_project
+    iso = tmp_path / "isolated"
+    (iso / "data").mkdir(parents=True)
+    shutil.copytree(proj / "data/teacher", iso / "data/teacher")
+    shutil.copy(proj / "params.yaml", iso / "params.yaml")
+    env = project_env(iso)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{iso / 'mlflow.db'}"
+    for stage in ("synthesize", "distill"):
+        run([BIN + "/kdpipe", stage], iso, env=env)
+    assert not (iso / "data/prepared").exists()
+    meta = lambda p: json.loads((p / "data/synthetic/meta.json").read_text())  # noqa: E731
+    assert meta(iso)["sha256"] == meta(proj)["sha256"]
+    digest = lambda p: hashlib.sha256((p / "data/student/model.pt").read_bytes()).hexdigest()  # noqa: E731
+    import torch
+
+    a = torch.load(proj / "data/student/model.pt", weights_only=True)
+    b = torch.load(iso / "data/student/model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (digest(proj), digest(iso))
+
+
 def test_changing_a_distill_param_reruns_only_downstream(dvc_project):
     proj, _ = dvc_project
     p = yaml.safe_load((proj / "params.yaml").read_text())

@@ -3,7 +3,7 @@ synthetic set. Reads data/teacher/ only — never the real data — and writes d
 
 Each round (Fast-Datafree's rhythm, with SSD-KD's balancing and replay):
   1. g_steps generator steps on fresh latent codes, warm-started from the last round:
-       L_G = Σ_i φ_i·(w_ce·ℓ_ce + w_adv·ℓ_adv + w_act·ℓ_act)/N + w_bn·L_BN + w_ie·L_ie
+       L_G = Σ_i [φ_i·(w_adv·ℓ_adv + w_act·ℓ_act) + φ_i^{phi_ce}·w_ce·ℓ_ce]/N + w_bn·L_BN + w_ie·L_ie
      (optionally a Reptile meta update: θ ← θ + η(θ_fast − θ));
   2. the round's samples enter the buffer (partial update; balanced eviction);
   3. kd_steps of a proxy student drawn from the buffer by prioritized replay, refreshing priorities;
@@ -105,12 +105,13 @@ def run(cfg: Config, tracker) -> dict:
             x = fast(z)
             t_logits = teacher(x)
             w = phi_weights(t_logits, s.phi_gamma, s.phi_clip, buf.class_freq()) if s.phi else torch.ones(len(x), device=device)
-            per = s.w_ce * ce_term(t_logits, targets)
+            ce = s.w_ce * ce_term(t_logits, targets)
+            per = torch.zeros_like(ce)
             if use_adv:
                 per = per + s.w_adv * adv_term(student(x), t_logits)
             if s.w_act > 0:
                 per = per + s.w_act * act_term(feats["f"])
-            loss_g = (w * per).mean() + s.w_bn * bn.loss() + s.w_ie * ie_term(t_logits)
+            loss_g = (w * per).mean() + ((w if s.phi_ce else 1.0) * ce).mean() + s.w_bn * bn.loss() + s.w_ie * ie_term(t_logits)
             if not torch.isfinite(loss_g):
                 raise FloatingPointError(f"synthesize: non-finite generator loss at round {r}")
             opt.zero_grad(set_to_none=True)
