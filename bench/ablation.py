@@ -30,8 +30,9 @@ ROWS = {
     "+ φ (modulating function)": OFF + ["synthesize.w_bn=10", "synthesize.w_adv=0.5", "synthesize.phi=true", "distill.phi=true"],
     "+ priority sampling": OFF + ["synthesize.w_bn=10", "synthesize.w_adv=0.5", "synthesize.phi=true", "distill.phi=true",
                                   "synthesize.priority=true", "distill.priority=true"],
-    "all (+ balanced targets, entropy term)": ["synthesize.phi=true", "distill.phi=true", "synthesize.w_ie=1"],
-    "kdpipe default (all but φ and entropy term)": [],
+    "all (+ balanced targets, entropy term)": ["synthesize.phi=true", "distill.phi=true", "synthesize.w_ie=1",
+                                               "synthesize.priority=true", "distill.priority=true",
+                                               "synthesize.balanced_targets=true"],
 }
 
 

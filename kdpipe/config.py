@@ -82,8 +82,8 @@ class SynthesizeCfg(_Section):
     phi_ce: bool = False  # ... and on the generator's CE term (the note's choice; pushes samples to high confidence)
     phi_gamma: float = Field(2.0, ge=0)
     phi_clip: float = Field(5.0, gt=1)
-    balanced_targets: bool = True  # draw target classes inversely to the buffer histogram
-    priority: bool = True  # prioritized replay for the proxy student (and the distill stage)
+    balanced_targets: bool = False  # draw target classes inversely to the buffer histogram
+    priority: bool = False  # prioritized replay δ for the proxy student (off: see docs/benchmarks.md)
     alpha: float = Field(0.6, ge=0)
     beta0: float = Field(0.4, ge=0, le=1)
     meta: bool = False  # Reptile-style meta update of the generator (Fast's fast/meta warm start)
@@ -100,7 +100,7 @@ class DistillCfg(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(1.0, ge=0, le=1)  # weight of KD; (1-alpha) on CE to the teacher's argmax
-    priority: bool = True  # draw batches by prioritized replay over the synthetic set
+    priority: bool = False  # draw batches by prioritized replay δ over the synthetic set (off: docs/benchmarks.md)
     phi: bool = False  # weight per-sample KD by the modulating function φ (off: see docs/benchmarks.md)
     augment: bool = False  # random shifts of the synthetic images, re-labelled by the frozen teacher
 
