@@ -22,14 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OFF = ["synthesize.w_bn=0", "synthesize.w_adv=0", "synthesize.w_ie=0", "synthesize.phi=false", "distill.phi=false",
-       "synthesize.priority=false", "distill.priority=false", "synthesize.balanced_targets=false"]
+       "synthesize.priority=false", "distill.priority=false", "synthesize.balanced_targets=false",
+       "synthesize.eviction=fifo"]
 ROWS = {
     "plain generator (CE)": OFF,
     "+ BN prior": OFF + ["synthesize.w_bn=10"],
     "+ adversarial": OFF + ["synthesize.w_bn=10", "synthesize.w_adv=0.5"],
-    "+ φ (modulating function)": OFF + ["synthesize.w_bn=10", "synthesize.w_adv=0.5", "synthesize.phi=true", "distill.phi=true"],
-    "+ priority sampling": OFF + ["synthesize.w_bn=10", "synthesize.w_adv=0.5", "synthesize.phi=true", "distill.phi=true",
-                                  "synthesize.priority=true", "distill.priority=true"],
+    "+ balanced buffer eviction (= kdpipe default)": OFF + ["synthesize.w_bn=10", "synthesize.w_adv=0.5", "synthesize.eviction=balanced"],
+    "+ φ (modulating function)": OFF + ["synthesize.w_bn=10", "synthesize.w_adv=0.5", "synthesize.eviction=balanced",
+                                        "synthesize.phi=true", "distill.phi=true"],
+    "+ priority sampling": OFF + ["synthesize.w_bn=10", "synthesize.w_adv=0.5", "synthesize.eviction=balanced",
+                                  "synthesize.phi=true", "distill.phi=true", "synthesize.priority=true",
+                                  "distill.priority=true"],
+    "priority sampling without φ": ["synthesize.priority=true", "distill.priority=true"],
     "all (+ balanced targets, entropy term)": ["synthesize.phi=true", "distill.phi=true", "synthesize.w_ie=1",
                                                "synthesize.priority=true", "distill.priority=true",
                                                "synthesize.balanced_targets=true"],

@@ -82,6 +82,7 @@ class SynthesizeCfg(_Section):
     phi_ce: bool = False  # ... and on the generator's CE term (the note's choice; pushes samples to high confidence)
     phi_gamma: float = Field(2.0, ge=0)
     phi_clip: float = Field(5.0, gt=1)
+    eviction: Literal["balanced", "fifo"] = "balanced"  # buffer: oldest of the largest class, or oldest
     balanced_targets: bool = False  # draw target classes inversely to the buffer histogram
     priority: bool = False  # prioritized replay δ for the proxy student (off: see docs/benchmarks.md)
     alpha: float = Field(0.6, ge=0)

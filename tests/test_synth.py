@@ -104,3 +104,11 @@ def test_buffer_partial_update_and_balanced_eviction():
     assert torch.all(buf.priority[new] == buf.priority.max())
     # images are stored exactly as saved (uint8)
     assert buf.x.dtype == torch.uint8
+
+
+def test_buffer_fifo_eviction_keeps_the_newest():
+    buf = ReplayBuffer(capacity=4, shape=(1, 1, 1), num_classes=2, eviction="fifo")
+    onehot = lambda c, n: torch.nn.functional.one_hot(torch.full((n,), c), 2).float() * 5  # noqa: E731
+    buf.add(torch.rand(3, 1, 1, 1), onehot(0, 3))
+    buf.add(torch.rand(3, 1, 1, 1), onehot(0, 3))
+    assert sorted(buf.age[: buf.size].tolist()) == [2, 3, 4, 5]

@@ -80,7 +80,7 @@ def run(cfg: Config, tracker) -> dict:
     feats = {}
     if s.w_act > 0:
         penultimate(teacher).register_forward_hook(lambda m, i, o: feats.__setitem__("f", i[0]))
-    buf = ReplayBuffer(s.capacity, (ch, size, size), C, device)
+    buf = ReplayBuffer(s.capacity, (ch, size, size), C, device, s.eviction)
     tracker.log_params({"synthesize": s.model_dump(mode="json"), "student.arch": cfg.student.arch,
                         "teacher.arch": tspec["arch"]})
     kd_total, kd_step = s.rounds * s.kd_steps, 0

@@ -2,7 +2,8 @@
 
 Buffer: fixed capacity, kept on the device as uint8 images (exactly what is saved) with the
 teacher's logits. ``add`` is a partial update: new entries enter with the current maximum priority;
-when full, the oldest entry of the most over-represented (teacher-predicted) class leaves first.
+when full, the oldest entry of the most over-represented (teacher-predicted) class leaves first
+(``eviction="balanced"``), or simply the oldest entry (``"fifo"``, a plain memory bank).
 
 Prioritized replay (Schaul et al. 2016), the RL sampler SSD-KD names:
     p_i  = KL(teacher(x_i) ‖ student(x_i)) + ε
@@ -37,8 +38,11 @@ def anneal_beta(beta0: float, step: int, total: int) -> float:
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, shape: tuple[int, ...], num_classes: int, device="cpu"):
-        self.capacity, self.num_classes = capacity, num_classes
+    def __init__(self, capacity: int, shape: tuple[int, ...], num_classes: int, device="cpu",
+                 eviction: str = "balanced"):
+        if eviction not in ("balanced", "fifo"):
+            raise ValueError(f"eviction must be 'balanced' or 'fifo', not {eviction!r}")
+        self.capacity, self.num_classes, self.eviction = capacity, num_classes, eviction
         self.x = torch.zeros(capacity, *shape, dtype=torch.uint8, device=device)
         self.logits = torch.zeros(capacity, num_classes, device=device)
         self.priority = torch.zeros(capacity, device=device)
@@ -68,6 +72,8 @@ class ReplayBuffer:
     def _evict(self, k: int) -> torch.Tensor:
         """Slots of k entries to replace: repeatedly the oldest of the most over-represented class."""
         preds, age = self.preds().cpu(), self.age[: self.size].cpu()
+        if self.eviction == "fifo":
+            return age.argsort()[:k].to(self.x.device)
         counts = torch.bincount(preds, minlength=self.num_classes)
         order = {c: (preds == c).nonzero().flatten()[age[preds == c].argsort()].tolist()
                  for c in range(self.num_classes)}
