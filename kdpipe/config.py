@@ -30,7 +30,7 @@ class DataCfg(_Section):
     channels: Literal[1, 3] | None = None  # None = the dataset's own
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
-    private: bool = False  # data-free stages refuse anything that would read the real data
+    private: bool = False  # the real data may not be used beyond the teacher: no baseline stage
 
 
 class TrainCfg(_Section):

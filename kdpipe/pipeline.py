@@ -12,7 +12,7 @@ from pathlib import Path
 from kdpipe import paths
 from kdpipe.config import Config
 from kdpipe.stages import STAGES, run_stage
-from kdpipe.tracking import PARENT_ENV, pipeline_run
+from kdpipe.tracking import pipeline_run
 
 
 def dvc_available() -> bool:

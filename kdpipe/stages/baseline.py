@@ -9,10 +9,12 @@ from kdpipe.utils import pick_device, save_json, save_torch, seed_everything
 
 
 def run(cfg: Config, tracker) -> dict:
-    if not cfg.baseline.enabled:
+    if not cfg.baseline.enabled or cfg.data.private:
         (paths.BASELINE / "model.pt").unlink(missing_ok=True)
-        save_json({"enabled": False}, paths.BASELINE / "spec.json")
-        return {"enabled": False}
+        why = "data.private" if cfg.data.private else "baseline.enabled: false"
+        save_json({"enabled": False, "reason": why}, paths.BASELINE / "spec.json")
+        tracker.set_tags({"kdpipe.baseline_skipped": why})
+        return {"enabled": False, "reason": why}
     g = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     spec = make_spec(cfg.student.arch, data.load_meta())

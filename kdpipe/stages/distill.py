@@ -18,8 +18,7 @@ from kdpipe.stages.synthesize import load_teacher
 from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import anneal_beta, prioritized_sample
 from kdpipe.train import random_shift, sgd
-from kdpipe.utils import load_json, load_torch, pick_device, save_json, save_torch, seed_everything
-from kdpipe.utils import atomic_path
+from kdpipe.utils import atomic_path, load_json, load_torch, pick_device, save_json, save_torch, seed_everything
 
 
 def run(cfg: Config, tracker) -> dict:
