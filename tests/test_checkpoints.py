@@ -35,3 +35,44 @@ def test_state_dict_roundtrip_is_atomic(tmp_path):
     x = torch.rand(3, 1, 8, 8)
     m.eval(), m2.eval()
     assert torch.equal(m(x), m2(x))
+
+
+def _prepared(tmp_path):
+    from kdpipe import data
+    from kdpipe.config import load_config
+
+    data.prepare(load_config(None, []))
+
+
+def test_bring_your_own_teacher_state_dict(tmp_path, monkeypatch):
+    from kdpipe.config import load_config
+    from kdpipe.stages import train_teacher
+    from kdpipe.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    _prepared(tmp_path)
+    from kdpipe import data
+
+    spec = {**SPEC, "arch": "digits_cnn", "mean": data.load_meta()["mean"], "std": data.load_meta()["std"]}
+    mine = build_model(spec)
+    save_torch(mine.state_dict(), tmp_path / "mine.pt")
+    out = train_teacher.run(load_config(None, [f"teacher.checkpoint={tmp_path / 'mine.pt'}"]), Tracker())
+    assert "byo" in out
+    saved = load_torch(tmp_path / "data/teacher/model.pt")
+    assert all(torch.equal(saved[k], v) for k, v in mine.state_dict().items())
+
+
+def test_mismatched_checkpoint_names_the_keys(tmp_path, monkeypatch):
+    from kdpipe.config import ConfigError, load_config
+    from kdpipe.stages import train_teacher
+    from kdpipe.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    _prepared(tmp_path)
+    save_torch(build_model(SPEC).state_dict(), tmp_path / "student.pt")  # digits_cnn_small, not digits_cnn
+    with pytest.raises(ConfigError, match=r"does not fit teacher.arch: missing keys \['net.10"):
+        train_teacher.run(load_config(None, [f"teacher.checkpoint={tmp_path / 'student.pt'}"]), Tracker())
+    assert not (tmp_path / "data/teacher").exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a loadable weights-only checkpoint"):
+        train_teacher.run(load_config(None, [f"teacher.checkpoint={tmp_path / 'junk.pt'}"]), Tracker())
