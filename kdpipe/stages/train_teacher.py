@@ -46,7 +46,7 @@ def run(cfg: Config, tracker) -> dict:
     if cfg.teacher.checkpoint:
         digest = load_checkpoint(model, cfg.teacher.checkpoint)
         tracker.set_tags({"teacher.checkpoint_sha256": digest})
-        res = {"val_acc": accuracy(predict(model.to(device), xv), yv), "checkpoint_sha256": digest}
+        res = {"val_acc": accuracy(predict(model, xv), yv), "checkpoint_sha256": digest}
     else:
         res = fit_supervised(model, x, y, xv, yv, cfg.teacher, tracker, "train-teacher", generator=g)
     res["train_acc"] = accuracy(predict(model, x), y)
