@@ -183,3 +183,18 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_fmt_error(e)) from None
+
+
+PARAMS_HEADER = (
+    "# kdpipe parameters: mirrors kdpipe/config.py (the one schema). Embedded default: scikit-learn digits.\n"
+    "# Override: kdpipe run --no-dvc --set key=value, or dvc exp run -S key=value.\n"
+)
+
+
+def dump_params() -> str:
+    """params.yaml's text: the schema's defaults (``python -m kdpipe.config > params.yaml``)."""
+    return PARAMS_HEADER + yaml.safe_dump(Config().model_dump(mode="json"), sort_keys=False)
+
+
+if __name__ == "__main__":
+    print(dump_params(), end="")

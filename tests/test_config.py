@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdpipe.config import Config, ConfigError, load_config
+from kdpipe.config import Config, ConfigError, dump_params, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,6 +15,7 @@ def test_params_yaml_mirrors_schema():
     on_disk = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert on_disk == Config().model_dump(mode="json")
     assert load_config(ROOT / "params.yaml") == Config()
+    assert (ROOT / "params.yaml").read_text() == dump_params(), "regenerate: python -m kdpipe.config > params.yaml"
 
 
 def test_overrides_are_typed():
