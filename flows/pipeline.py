@@ -4,35 +4,70 @@ How a Prefect run and ``dvc repro`` share outputs: with ``use_dvc`` (the default
 when the config is params.yaml as it is), each task runs ``dvc repro --single-item <stage>``, so a
 scheduled run versions its data exactly as a manual ``dvc repro`` does and skips stages whose deps
 and params did not change. Otherwise (another config, overrides, no DVC project) each task calls the
-stage in-process. Either way one MLflow parent run spans the flow run, one child run per stage.
+stage in-process. Either way one MLflow parent run spans the flow run, one child run per stage,
+each tagged with the Prefect flow-run id; the flow's result is also a Prefect markdown artifact.
 
     python -m flows.pipeline [--config FILE] [--set key=value ...] [--no-dvc]
+    kdpipe serve --cron "0 3 * * *" [--config FILE] [--set ...]     (a scheduled deployment: flow.serve)
+    prefect deploy --all                                              (prefect.yaml: a work-pool deployment)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from contextlib import contextmanager
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # the ephemeral server migrates its database on first start: slow on a busy 2-core machine
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
+from prefect.tasks import exponential_backoff  # noqa: E402
 
+from kdpipe import paths  # noqa: E402
 from kdpipe.config import load_config  # noqa: E402
 from kdpipe.pipeline import dvc_available, dvc_repro, summary  # noqa: E402
 from kdpipe.stages import STAGES, run_stage  # noqa: E402
-from kdpipe.tracking import pipeline_run  # noqa: E402
+from kdpipe.tracking import PREFECT_ENV, pipeline_run, tag_dvc_lock, tracking_uri  # noqa: E402
 
 
-@task(task_run_name="{stage}", retries=1, retry_delay_seconds=5)
+# transient failures (a tracking server briefly down, a busy disk): retried after ~5 s, then ~10 s
+@task(task_run_name="{stage}", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
+      retry_jitter_factor=0.5)
 def stage_task(stage: str, config: str, overrides: list[str], use_dvc: bool) -> None:
     if use_dvc:
         dvc_repro(stage, single=True)
     else:
         run_stage(stage, load_config(config, overrides))
+
+
+@contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None) if old is None else os.environ.__setitem__(key, old)
+
+
+def _report(parent, uri: str) -> str:
+    """The flow's result as markdown: accuracy table, ONNX parity, where the MLflow run is."""
+    m = json.loads((paths.REPORTS / "metrics.json").read_text())
+    e = json.loads((paths.EXPORT / "metrics.json").read_text())
+    rows = "".join(f"| {k} | {m[k]['accuracy']:.4f} |\n" for k in ("teacher", "student", "baseline") if k in m)
+    md = (f"# kdpipe run\n\nAccuracy on the real test split (n={m['n_test']}):\n\n| model | accuracy |\n|---|---|\n{rows}"
+          f"\nTeacher-student agreement {m['agreement']:.4f}. ONNX vs PyTorch: max abs diff {e['max_abs_diff']:.1e}, "
+          f"top-1 agreement {e['top1_agreement']:.4f}.\n")
+    if parent is not None:
+        run_id, exp = parent.info.run_id, parent.info.experiment_id
+        link = f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}" if uri.startswith("http") else f"`{uri}`"
+        md += f"\nMLflow parent run `{run_id}` (experiment {exp}): {link}\n"
+    return md
 
 
 @flow(name="kdpipe-pipeline", log_prints=True)
@@ -42,13 +77,31 @@ def pipeline(config: str = "params.yaml", overrides: list[str] | None = None, us
     plain = config == "params.yaml" and not overrides
     if use_dvc is None:
         use_dvc = plain and dvc_available()
-    tags = {"kdpipe.runner": "prefect+dvc" if use_dvc else "prefect", "prefect.flow_run_id": flow_run.get_id() or ""}
-    with pipeline_run(cfg, name="prefect", tags=tags):
+    fr = flow_run.get_id() or ""
+    tags = {"kdpipe.runner": "prefect+dvc" if use_dvc else "prefect", "prefect.flow_run_id": fr}
+    with _env(PREFECT_ENV, fr), pipeline_run(cfg, name="prefect", tags=tags) as parent:
         for stage in STAGES:
             stage_task(stage, config, overrides, use_dvc)
+        if parent is not None and use_dvc:
+            tag_dvc_lock(parent.info.run_id)
         text = summary()
+    create_markdown_artifact(markdown=_report(parent, tracking_uri(cfg)), key="kdpipe-summary",
+                             description="kdpipe: accuracy, ONNX parity, MLflow run")
     print(text)
     return text
+
+
+def serve(name: str = "kdpipe-scheduled", cron: str = "0 3 * * *", timezone: str = "UTC",
+          config: str = "params.yaml", overrides: list[str] | None = None) -> None:
+    """Serve the flow as a deployment with a cron schedule; blocks, running scheduled and triggered
+    runs in subprocesses of this process (in its working directory: the project)."""
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+
+    pipeline.serve(name=name, schedules=[Cron(cron, timezone=timezone)], tags=["kdpipe"],
+                   parameters={"config": config, "overrides": list(overrides or [])},
+                   description="kdpipe: synthesize -> distill -> evaluate -> export, on schedule",
+                   entrypoint_type=EntrypointType.MODULE_PATH)
 
 
 def main(argv=None) -> int:

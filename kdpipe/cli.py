@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +24,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-dvc", dest="use_dvc", action="store_false", help="run the stages in this process")
     for s in STAGES:
         common(sub.add_parser(s, help=f"run the {s} stage"))
+    sv = common(sub.add_parser("serve", help="serve the pipeline flow as a scheduled Prefect deployment (flow.serve)"))
+    sv.add_argument("--cron", default="0 3 * * *", help='cron schedule (default: "0 3 * * *")')
+    sv.add_argument("--name", default="kdpipe-scheduled", help="deployment name (default: kdpipe-scheduled)")
+    sv.add_argument("--timezone", default="UTC")
+    common(sub.add_parser("audit-memorization", help="data owner: nearest real sample to each synthetic one "
+                          "(pixels, teacher features) -> data/reports/memorization.json + .png"))
+    ln = sub.add_parser("lineage", help="the chain from a registered model (or a run) back to the data")
+    ln.add_argument("ref", help="model name, name/version, name@alias, or a run id")
+    ln.add_argument("--json", action="store_true", help="machine-readable output")
+    ln.add_argument("--config", default="params.yaml", help="config giving tracking.uri (default: params.yaml)")
     return p
 
 
@@ -32,15 +43,31 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
+        if args.command == "lineage":
+            from kdpipe import lineage
+            from kdpipe.tracking import tracking_uri
+
+            cfg = load_config(args.config) if Path(args.config).exists() else load_config(None)
+            return lineage.main(args.ref, tracking_uri(cfg), args.json)
         cfg = load_config(args.config, args.overrides)
-        if args.command == "run":
+        if args.command == "serve":
+            from flows.pipeline import serve
+
+            serve(args.name, args.cron, args.timezone, args.config, args.overrides)
+        elif args.command == "audit-memorization":
+            from kdpipe.audit import audit_memorization
+
+            audit_memorization(cfg)
+        elif args.command == "run":
             from kdpipe.pipeline import dvc_available, run_pipeline
+            from kdpipe.tracking import check_tracking
 
             plain = args.config == "params.yaml" and not args.overrides
             use_dvc = args.use_dvc if args.use_dvc is not None else (plain and dvc_available())
             if use_dvc and not plain:
                 raise ConfigError("--dvc runs with params.yaml as it is; for overrides use 'dvc exp run -S key=value' "
                                   "or 'kdpipe run --no-dvc --set ...'")
+            check_tracking(cfg)  # before the parent run opens (MLflow would retry for minutes)
             run_pipeline(cfg, use_dvc)
         else:
             from kdpipe.stages import run_stage
@@ -49,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"kdpipe: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # NaN/inf in a loss or in weights: the stage stopped, earlier outputs kept
+        print(f"kdpipe: stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -93,6 +93,26 @@ class SynthesizeCfg(_Section):
     temperature: float = Field(4.0, gt=0)
 
 
+class ScheduleCfg(_Section):
+    """A value over training (kdpipe.schedules.value); start/end None = the base value (e.g. distill.temperature)."""
+
+    kind: Literal["constant", "linear", "cosine", "step"] = "constant"
+    start: float | None = Field(None, gt=0)
+    end: float | None = Field(None, gt=0)
+    milestones: list[float] = []  # step: fractions of training in (0, 1) where the value jumps towards end
+
+    @model_validator(mode="after")
+    def _milestones(self):
+        if self.kind == "step" and (not self.milestones or not all(0 < m < 1 for m in self.milestones)):
+            raise ValueError(f"kind 'step' needs milestones: fractions of training in (0, 1), got {self.milestones}")
+        return self
+
+
+class AlphaScheduleCfg(ScheduleCfg):
+    start: float | None = Field(None, ge=0, le=1)
+    end: float | None = Field(None, ge=0, le=1)
+
+
 class DistillCfg(_Section):
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -104,17 +124,42 @@ class DistillCfg(_Section):
     priority: bool = False  # draw batches by prioritized replay δ over the synthetic set (off: docs/benchmarks.md)
     phi: bool = False  # weight per-sample KD by the modulating function φ (off: see docs/benchmarks.md)
     augment: bool = False  # random shifts of the synthetic images, re-labelled by the frozen teacher
+    temperature_schedule: ScheduleCfg = ScheduleCfg()  # T over the steps (kdpipe/schedules.py); constant: temperature
+    alpha_schedule: AlphaScheduleCfg = AlphaScheduleCfg()  # α over the steps; constant: alpha
+    ce_weight: float | None = Field(None, ge=0)  # γ on CE; None: 1 − α (Hinton)
+    feature_weight: float = Field(0.0, ge=0)  # β on the hint loss (kdpipe/feature_kd.py); 0: off
+    feature_loss: Literal["mse", "at"] = "mse"  # mse on adapted features (FitNets) | attention transfer
+    hints: list[tuple[str, str]] = []  # [teacher_module, student_module] pairs, by named_modules() name
 
 
 class ExportCfg(_Section):
     opset: int = Field(18, ge=13, le=23)
     atol: float = Field(1e-4, gt=0)
+    int8: bool = True  # also data/export/student.int8.onnx: static QDQ INT8, calibrated on synthetic samples only
+    calibration_samples: int = Field(512, ge=1)  # synthetic samples drawn (seeded) for INT8 calibration
 
 
 class TrackingCfg(_Section):
     enabled: bool = True
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project
     experiment: str = "kdpipe"
+    registered_model: str | None = "kdpipe-student"  # export registers the ONNX student here (None: no)
+    alias: str | None = "candidate"  # ... and points this alias at the new version
+
+
+class ResumeCfg(_Section):
+    """Resume checkpoints of the long stages (train-teacher, synthesize, distill): kdpipe/resume.py."""
+
+    enabled: bool = True
+    every: int = Field(5, ge=1)  # epochs (train-teacher, distill) or rounds (synthesize) between checkpoints
+    dir: str = "data/.resume"  # scratch, not a DVC output (git-ignored); <dir>/<stage>.pt
+
+
+class AuditCfg(_Section):
+    """kdpipe audit-memorization (run by the data owner): synthetic samples vs their nearest real ones."""
+
+    pixel_threshold: float = Field(0.05, gt=0)  # flag a synthetic sample whose nearest real one is closer (RMSE, [0,1] pixels)
+    pairs: int = Field(16, ge=1)  # closest pairs drawn in data/reports/memorization.png
 
 
 class Config(_Section):
@@ -128,6 +173,8 @@ class Config(_Section):
     distill: DistillCfg = DistillCfg()
     export: ExportCfg = ExportCfg()
     tracking: TrackingCfg = TrackingCfg()
+    resume: ResumeCfg = ResumeCfg()
+    audit: AuditCfg = AuditCfg()
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of every parameter (the 'params hash')."""

@@ -1,16 +1,18 @@
 """Real data: sources (digits, ImageFolder, torchvision MNIST/CIFAR-10) and the seeded, stratified
 train/val/test split. Splits are stored once as uint8 N×C×H×W tensors in ``data/prepared/``; every
-stage that may read real data reads them from there (the data-free stages never do)."""
+stage that may read real data reads them from there (the data-free stages never do, and
+:func:`data_free` makes any attempt an error)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from kdpipe import paths
-from kdpipe.config import Config
+from kdpipe.config import Config, ConfigError
 from kdpipe.utils import load_json, load_torch, save_json, save_torch, sha256_tensors
 
 IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
@@ -18,6 +20,27 @@ IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".
 
 class DataError(ValueError):
     """Bad input data, phrased for the user (names the path)."""
+
+
+_DATA_FREE: ContextVar[tuple[str, bool] | None] = ContextVar("kdpipe_data_free", default=None)
+
+
+@contextmanager
+def data_free(stage: str, private: bool):
+    """The privacy guard: while a data-free stage (synthesize, distill) runs, every read of the real
+    data through this module raises ConfigError naming the stage and the path (in this thread/context)."""
+    token = _DATA_FREE.set((stage, private))
+    try:
+        yield
+    finally:
+        _DATA_FREE.reset(token)
+
+
+def _guard(path) -> None:
+    if _DATA_FREE.get():
+        stage, private = _DATA_FREE.get()
+        raise ConfigError(f"stage '{stage}' is data-free and may not read the real data '{path}'"
+                          + (" (data.private: true)" if private else ""))
 
 
 def _digits():
@@ -32,15 +55,20 @@ def _read_images(files: list[Path], channels: int | None, size: int | None) -> n
     from PIL import Image
 
     mode = {1: "L", 3: "RGB", None: None}[channels]
-    out, first = [], None
+    out, first, first_mode = [], None, None
     for f in files:
         try:
             im = Image.open(f)
             im.load()
         except Exception as e:  # PIL raises many kinds
             raise DataError(f"cannot read image '{f}': {e}") from None
-        if mode is None:  # the dataset's own channels: taken from the first image
-            mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+        if channels is None:  # the dataset's own channels: those of the first image, the same for all
+            own = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+            first_mode = first_mode or (own, f)
+            if own != first_mode[0]:
+                raise DataError(f"images of mixed channels: '{f}' is {own}, '{first_mode[1]}' is {first_mode[0]}; "
+                                f"set data.channels (1 or 3) to convert them all")
+            mode = own
         im = im.convert(mode)
         if size is not None:
             im = im.resize((size, size), Image.BILINEAR)
@@ -102,11 +130,14 @@ def _resize(x: np.ndarray, size: int | None) -> np.ndarray:
 
 
 def _carve(x, y, frac, seed):
+    from sklearn.model_selection import train_test_split  # here: scikit-learn is slow to import
+
     return train_test_split(x, y, test_size=frac, stratify=y, random_state=seed)
 
 
 def prepare(cfg: Config) -> dict:
     """Load the configured source, carve seeded stratified splits, write data/prepared/."""
+    _guard(paths.PREPARED)
     d, seed = cfg.data, cfg.seed
     splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if d.name == "digits":
@@ -164,11 +195,17 @@ def prepare(cfg: Config) -> dict:
 def load_split(split: str, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(float images in [0,1], labels) of a prepared split, on ``device``."""
     f = paths.PREPARED / f"{split}.pt"
+    _guard(f)
     if not f.exists():
         raise DataError(f"prepared split '{f}' is missing: run the prepare stage first")
     d = load_torch(f)
+    want = load_meta()["splits"].get(split, {}).get("sha256")
+    if want != sha256_tensors(d["x"], d["y"]):  # e.g. a prepare run killed between its writes
+        raise DataError(f"prepared split '{f}' does not match its sha256 in '{paths.PREPARED / 'meta.json'}': "
+                        f"re-run the prepare stage")
     return d["x"].to(device).float().div_(255.0), d["y"].to(device)
 
 
 def load_meta() -> dict:
+    _guard(paths.PREPARED / "meta.json")
     return load_json(paths.PREPARED / "meta.json")

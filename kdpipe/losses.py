@@ -28,3 +28,16 @@ def distill_loss(student_logits, teacher_logits, T: float, alpha: float, weights
     if weights is not None:
         per = per * weights
     return per.mean()
+
+
+def multi_teacher_targets(teacher_logits, T: float, weights=None) -> torch.Tensor:
+    """Soft targets of K teachers: p = Σ_k w_k softmax(t_k/T) / Σ_k w_k (plain mean when weights is None).
+    ``teacher_logits``: K×N×C tensor or a sequence of K N×C tensors; ``weights``: K."""
+    t = torch.stack(list(teacher_logits)) if not torch.is_tensor(teacher_logits) else teacher_logits
+    w = torch.ones(len(t), device=t.device) if weights is None else torch.as_tensor(weights, dtype=t.dtype, device=t.device)
+    return (w.view(-1, 1, 1) * F.softmax(t / T, dim=2)).sum(0) / w.sum()
+
+
+def kd_loss_probs(student_logits: torch.Tensor, target_probs: torch.Tensor, T: float) -> torch.Tensor:
+    """KD against given soft targets p (e.g. :func:`multi_teacher_targets`): T² · KL(p ‖ softmax(s/T)), batchmean."""
+    return F.kl_div(F.log_softmax(student_logits / T, dim=1), target_probs, reduction="batchmean") * (T * T)

@@ -4,7 +4,10 @@ convention. A *spec* (plain dict, saved as spec.json beside the weights) is what
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from kdpipe.config import ConfigError
 
 
 class Classifier(nn.Module):
@@ -58,12 +61,83 @@ def lenet5(in_channels: int, num_classes: int, width: float = 1.0) -> nn.Sequent
     )
 
 
+class WideBlock(nn.Module):
+    """Pre-activation wide basic block (Zagoruyko & Komodakis 2016), dropout 0:
+    o = relu(bn1(x)),  y = conv2(relu(bn2(conv1_s(o)))) + (x if C_in = C_out else convShortcut_s(o)).
+    Module names as in Fast-Datafree / CMI's ``wresnet.py`` (same state_dict keys)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1, self.relu1 = nn.BatchNorm2d(cin), nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.convShortcut = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.relu1(self.bn1(x))
+        y = self.conv2(self.relu2(self.bn2(self.conv1(o))))
+        return y + (x if self.convShortcut is None else self.convShortcut(o))
+
+
+class _Stage(nn.Module):
+    def __init__(self, n: int, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k for 32×32: conv3×3(16) → 3 stages of n = (d−4)/6 blocks, widths 16k, 32k, 64k, strides
+    1, 2, 2 → BN-ReLU → global average pool → linear. WRN-40-2: 2.24 M parameters, WRN-16-2: 0.69 M."""
+
+    def __init__(self, depth: int, widen: int, in_channels: int, num_classes: int):
+        super().__init__()
+        n, w = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
+        self.block1, self.block2, self.block3 = (_Stage(n, w[i], w[i + 1], s) for i, s in enumerate((1, 2, 2)))
+        self.bn1, self.relu = nn.BatchNorm2d(w[3]), nn.ReLU(inplace=True)
+        self.fc = nn.Linear(w[3], num_classes)
+        for m in self.modules():  # the reference initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.relu(self.bn1(x)), 1), 1))
+
+
+def resnet_cifar(layers: list[int], in_channels: int, num_classes: int) -> nn.Module:
+    """CIFAR ResNet (He et al. 2016, as in CRD / Fast-Datafree): torchvision's BasicBlock ResNet with a
+    3×3 stride-1 stem and no max-pool, so a 32×32 input keeps 32, 16, 8, 4 px through the 4 stages.
+    ResNet-18 [2,2,2,2]: 11.17 M parameters; ResNet-34 [3,4,6,3]: 21.28 M (10 classes)."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    net = ResNet(BasicBlock, layers, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.maxpool = nn.Identity()
+    return net
+
+
 ZOO = {
     "digits_cnn": digits_cnn,
     "digits_cnn_small": digits_cnn_small,
     "lenet5": lenet5,
     "lenet5_half": lambda c, n: lenet5(c, n, width=0.5),
+    "resnet18_cifar": lambda c, n: resnet_cifar([2, 2, 2, 2], c, n),
+    "resnet34_cifar": lambda c, n: resnet_cifar([3, 4, 6, 3], c, n),
+    "wrn16_1": lambda c, n: WideResNet(16, 1, c, n),
+    "wrn16_2": lambda c, n: WideResNet(16, 2, c, n),
+    "wrn40_1": lambda c, n: WideResNet(40, 1, c, n),
+    "wrn40_2": lambda c, n: WideResNet(40, 2, c, n),
 }
+# torchvision models whose training-mode output is a tuple with auxiliary logits: built without them
+_NO_AUX = {"googlenet", "inception_v3"}
 
 
 def make_spec(arch: str, meta: dict) -> dict:
@@ -80,6 +154,8 @@ def make_spec(arch: str, meta: dict) -> dict:
 
 
 def build_model(spec: dict) -> Classifier:
+    """``spec["arch"]``: a ZOO name, or any torchvision classification model by name (random init,
+    ``num_classes``; a grey input is expanded to the 3 channels those nets expect)."""
     arch, c, n = spec["arch"], spec["in_channels"], spec["num_classes"]
     if arch in ZOO:
         return Classifier(ZOO[arch](c, n), spec["mean"], spec["std"])
@@ -87,8 +163,16 @@ def build_model(spec: dict) -> Classifier:
 
     if arch not in torchvision.models.list_models(module=torchvision.models):
         known = sorted(ZOO) + ["<any torchvision classification model>"]
-        raise ValueError(f"unknown architecture '{arch}'; known: {', '.join(known)}")
-    net = torchvision.models.get_model(arch, weights=None, num_classes=n)
+        raise ConfigError(f"unknown architecture '{arch}' (teacher.arch / student.arch); known: {', '.join(known)}")
+    kw = {"aux_logits": False, "init_weights": True} if arch in _NO_AUX else {}
+    if arch.startswith("vit_"):  # position embeddings are sized for the input (patches: side / 14, 16 or 32)
+        kw["image_size"] = spec["image_size"]
+    elif arch == "maxvit_t":
+        kw["input_size"] = (spec["image_size"], spec["image_size"])
+    try:
+        net = torchvision.models.get_model(arch, weights=None, num_classes=n, **kw)
+    except (ValueError, AssertionError) as e:  # e.g. maxvit_t, vit_*: input size vs partition / patch size
+        raise ConfigError(f"architecture '{arch}' cannot take {spec.get('image_size')} px input: {e}") from None
     return Classifier(net, spec["mean"], spec["std"], expand_to=3 if c == 1 else 0)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from kdpipe import paths
 from kdpipe.config import Config
 from kdpipe.stages import STAGES, run_stage
-from kdpipe.tracking import pipeline_run
+from kdpipe.tracking import pipeline_run, tag_dvc_lock
 
 
 def dvc_available() -> bool:
@@ -44,6 +44,8 @@ def run_pipeline(cfg: Config, use_dvc: bool, name: str = "pipeline") -> dict:
     with pipeline_run(cfg, name=name, tags={"kdpipe.runner": "dvc" if use_dvc else "in-process"}) as parent:
         if use_dvc:
             dvc_repro()
+            if parent is not None:
+                tag_dvc_lock(parent.info.run_id)  # the last stage's lock entry, written after it ended
         else:
             for stage in STAGES:
                 run_stage(stage, cfg)

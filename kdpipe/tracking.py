@@ -1,8 +1,15 @@
 """MLflow tracking: one parent run per pipeline execution, one child run per stage.
 
 The parent's id travels to stage processes (``dvc repro`` runs each stage as its own process) in
-``KDPIPE_PARENT_RUN_ID``. Default tracking URI: ``sqlite:///mlflow.db`` in the working directory,
-overridden by ``tracking.uri`` or ``$MLFLOW_TRACKING_URI``."""
+``KDPIPE_PARENT_RUN_ID``; a bare ``dvc repro`` (no kdpipe parent) gets one parent per dvc process,
+found again by each stage through the ``kdpipe.invocation`` tag. Default tracking URI:
+``sqlite:///mlflow.db`` in the working directory, overridden by ``tracking.uri`` or
+``$MLFLOW_TRACKING_URI``.
+
+Lineage (read back by ``kdpipe lineage``): every stage run is tagged with the git commit, the params
+hash and, once DVC has written them, its dvc.lock hashes (``dvc.deps.<path>``, ``dvc.outs.<path>``);
+data enters runs only through ``mlflow.log_input`` with a ``kdpipe.data_kind`` tag (real or
+synthetic); model files are linked by sha256 tags (``teacher.sha256``, ``student.sha256``)."""
 from __future__ import annotations
 
 import os
@@ -10,9 +17,13 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from kdpipe.config import Config
+from kdpipe.utils import dvc_md5, pick_device
 
 PARENT_ENV = "KDPIPE_PARENT_RUN_ID"
+PREFECT_ENV = "KDPIPE_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow; tags every stage run
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -74,6 +85,68 @@ class Tracker:
         if self.mlflow:
             self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    def log_data_input(self, name: str, path, kind: str, context: str = "training") -> None:
+        """A dataset input whose digest is the folder's DVC md5 (its data version in dvc.lock).
+        ``kind``: "real" or "synthetic" (the data-free stages may only log synthetic inputs)."""
+        if not self.mlflow:
+            return
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+
+        ds = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name, digest=dvc_md5(path))
+        self.mlflow.log_input(ds, context=context, tags={"kdpipe.data_kind": kind})
+
+
+def _dvc_invocation() -> str | None:
+    """Under a bare ``dvc repro`` / ``dvc exp run``: "<pid>-<start time>" of that dvc process."""
+    import psutil
+
+    try:
+        p = psutil.Process().parent()
+        while p is not None:
+            cmd = p.cmdline()
+            if any(Path(c).name == "dvc" for c in cmd[:2]) and ("repro" in cmd or "exp" in cmd):
+                return f"{p.pid}-{p.create_time():.0f}"
+            p = p.parent()
+    except psutil.Error:
+        pass
+    return None
+
+
+def _bare_dvc_parent(mlflow, cfg: Config) -> str | None:
+    """The parent run of this bare ``dvc repro`` (created by its first stage), or None."""
+    key = _dvc_invocation()
+    if key is None:
+        return None
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    found = client.search_runs([exp], f"tags.`kdpipe.invocation` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {"kdpipe.stage": "pipeline", "kdpipe.runner": "dvc (bare)", "kdpipe.invocation": key,
+            "kdpipe.params_sha256": cfg.digest(), **git_state()}
+    return client.create_run(exp, run_name="dvc-repro", tags=tags).info.run_id
+
+
+def tag_dvc_lock(parent_run_id: str, lock: str | Path = "dvc.lock") -> None:
+    """Tag each finished stage run under ``parent_run_id`` with its stage's dvc.lock hashes, as
+    ``dvc.deps.<path>`` / ``dvc.outs.<path>`` = md5. DVC writes a stage's lock entry when the stage
+    command has finished, so this runs after stages (next stage's start, end of the pipeline)."""
+    import mlflow
+
+    if not Path(lock).exists():
+        return
+    stages = (yaml.safe_load(Path(lock).read_text()) or {}).get("stages", {})
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    for r in client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'"):
+        entry = stages.get(r.data.tags.get("kdpipe.stage"))
+        if not entry or r.info.status != "FINISHED" or "dvc.tagged" in r.data.tags:
+            continue
+        tags = {f"dvc.{kind}.{d['path']}": d.get("md5", "") for kind in ("deps", "outs") for d in entry.get(kind, [])}
+        for k, v in {**tags, "dvc.tagged": "true"}.items():
+            client.set_tag(r.info.run_id, k, v)
+
 
 @contextmanager
 def stage_run(cfg: Config, stage: str):
@@ -81,11 +154,24 @@ def stage_run(cfg: Config, stage: str):
         yield Tracker()
         return
     mlflow = _setup(cfg)
-    parent = os.environ.get(PARENT_ENV) or None
-    tags = {"kdpipe.stage": stage, "kdpipe.params_sha256": cfg.digest(), **git_state()}
     nested = mlflow.active_run() is not None  # in-process pipeline: the parent is this process's run
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=nested, tags=tags) as run:
-        yield Tracker(mlflow, run)
+    parent = os.environ.get(PARENT_ENV) or None
+    bare = _bare_dvc_parent(mlflow, cfg) if parent is None and not nested else None
+    parent = parent or bare
+    if parent:
+        tag_dvc_lock(parent)  # the stages before this one, whose dvc.lock entries now exist
+    tags = {"kdpipe.stage": stage, "kdpipe.params_sha256": cfg.digest(), **git_state(),
+            **({"prefect.flow_run_id": os.environ[PREFECT_ENV]} if os.environ.get(PREFECT_ENV) else {})}
+    gpu = pick_device(cfg.device).type == "cuda"  # system metrics (GPU utilisation, memory) on GPU stages
+    status = "FAILED"
+    try:
+        with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=nested, tags=tags,
+                              log_system_metrics=gpu) as run:
+            yield Tracker(mlflow, run)
+        status = "FINISHED"
+    finally:
+        if bare:  # the bare-dvc parent ends with its latest stage
+            mlflow.MlflowClient().set_terminated(bare, status)
 
 
 @contextmanager
@@ -107,3 +193,60 @@ def pipeline_run(cfg: Config, name: str = "pipeline", tags: dict | None = None):
                 os.environ.pop(PARENT_ENV, None)
             else:
                 os.environ[PARENT_ENV] = old
+
+
+def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metrics: dict) -> str | None:
+    """Log the student (ONNX model + the PyTorch state_dict and spec) in the export run, register it
+    as ``tracking.registered_model`` and point ``tracking.alias`` at the new version, whose tags
+    carry the evaluation metrics. Returns the version."""
+    if not tracker.mlflow or not cfg.tracking.registered_model:
+        return None
+    import mlflow
+    import mlflow.onnx
+    import onnx
+
+    name = cfg.tracking.registered_model
+    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="student", registered_model_name=name)
+    mlflow.log_artifacts(str(pytorch_dir), "student_pytorch")
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    for k, v in {**metrics, "run_id": tracker.run_id}.items():
+        client.set_model_version_tag(name, version, k, str(v))
+    if cfg.tracking.alias:
+        client.set_registered_model_alias(name, cfg.tracking.alias, version)
+    tracker.set_tags({"registered_model": f"{name}/{version}"})
+    return version
+
+
+_REACHABLE: set[str] = set()  # URIs already checked in this process
+
+
+def check_tracking(cfg: Config, timeout: float = 5.0) -> None:
+    """Fail fast, before any work, when the tracking store cannot be reached: ConfigError (exit 2)
+    naming the URI. http(s): one GET of <uri>/health (the MLflow server's liveness route), no
+    retries, ``timeout`` seconds; 200 (or 401/403: there, but asks for credentials) passes. sqlite: the
+    database's folder must exist (no connection: cheap). Other stores are left to MLflow."""
+    if not cfg.tracking.enabled:
+        return
+    import urllib.error
+    import urllib.request
+
+    from kdpipe.config import ConfigError
+
+    uri = tracking_uri(cfg)
+    if uri in _REACHABLE:
+        return
+    hint = "start it, point tracking.uri / MLFLOW_TRACKING_URI elsewhere, or run with --set tracking.enabled=false"
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError as e:
+            if e.code not in (401, 403):
+                raise ConfigError(f"tracking server '{uri}' does not answer as an MLflow server "
+                                  f"(HTTP {e.code} from {uri.rstrip('/')}/health); {hint}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ConfigError(f"tracking server '{uri}' is unreachable ({getattr(e, 'reason', e)}); {hint}") from None
+    elif uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).parent.is_dir():
+        raise ConfigError(f"tracking uri '{uri}': folder '{Path(uri[len('sqlite:///'):]).parent}' does not exist; {hint}")
+    _REACHABLE.add(uri)

@@ -29,8 +29,10 @@ def atomic_path(path: str | Path):
 
 
 def save_torch(obj, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # through a file object: torch.save names the zip's inner folder after a path (here the random
+    # temp name), which would make the same tensors give different bytes (and DVC md5s) every run
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_torch(path: str | Path, map_location="cpu"):
@@ -71,6 +73,18 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def dvc_md5(path: str | Path) -> str:
+    """The md5 DVC 3 records in dvc.lock: a file's md5, or for a folder md5(JSON of the sorted
+    [{"md5", "relpath"}] entries) + ".dir" (dvc_data's Tree.digest)."""
+    p = Path(path)
+    md5 = lambda f: hashlib.md5(f.read_bytes()).hexdigest()  # noqa: E731
+    if p.is_file():
+        return md5(p)
+    entries = sorted(({"md5": md5(f), "relpath": f.relative_to(p).as_posix()} for f in p.rglob("*") if f.is_file()),
+                     key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
 def sha256_tensors(*tensors: torch.Tensor) -> str:

@@ -45,8 +45,10 @@ def project_env(tmp: Path) -> dict:
 def make_project(dest: Path) -> Path:
     """A real git + dvc repo holding the pipeline (dvc.yaml, tiny params.yaml, the kdpipe sources)."""
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(ROOT / "kdpipe", dest / "kdpipe", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
+    for pkg in ("kdpipe", "flows"):
+        shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("dvc.yaml", "prefect.yaml"):
+        shutil.copy(ROOT / f, dest / f)
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     (dest / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.prefect/\n__pycache__/\n")
     env = project_env(dest)

@@ -2,6 +2,7 @@
 executes a stage: it opens the stage's MLflow child run and prints the one-line summary."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 
@@ -13,13 +14,18 @@ DATA_FREE = {"synthesize", "distill"}
 
 
 def run_stage(name: str, cfg: Config) -> dict:
-    from kdpipe.tracking import stage_run
+    from kdpipe.data import data_free
+    from kdpipe.tracking import check_tracking, stage_run
 
     if name not in STAGES:
         raise ValueError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}")
     module = importlib.import_module(f"kdpipe.stages.{name.replace('-', '_')}")
+    check_tracking(cfg)  # an unreachable tracking server fails here, before any work (exit 2)
+    guard = data_free(name, cfg.data.private) if name in DATA_FREE else contextlib.nullcontext()
     t0 = time.perf_counter()
-    with stage_run(cfg, name) as tracker:
+    with stage_run(cfg, name) as tracker, guard:
+        if name in DATA_FREE:  # the guarantee, recorded: this run could not read the real data
+            tracker.set_tags({"kdpipe.privacy": "data-free", "data.private": cfg.data.private})
         summary = module.run(cfg, tracker)
         wall = time.perf_counter() - t0
         tracker.log_metrics({"stage_wall_s": wall})

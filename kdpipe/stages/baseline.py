@@ -22,6 +22,7 @@ def run(cfg: Config, tracker) -> dict:
     x, y = data.load_split("train", device)
     xv, yv = data.load_split("val", device)
     tracker.log_params({"baseline": cfg.baseline.model_dump(mode="json"), "student.arch": cfg.student.arch})
+    tracker.log_data_input("real-train", paths.PREPARED, "real")
     res = fit_supervised(model, x, y, xv, yv, cfg.baseline, tracker, "baseline", generator=g)
     save_torch(model.state_dict(), paths.BASELINE / "model.pt")
     save_json({**spec, "enabled": True}, paths.BASELINE / "spec.json")

@@ -9,6 +9,7 @@ from kdpipe import data, paths
 from kdpipe.config import Config
 from kdpipe.models import build_model
 from kdpipe.train import predict
+from kdpipe.utils import sha256_file
 from kdpipe.utils import atomic_path, load_json, load_torch, pick_device, save_figure, save_json
 
 
@@ -79,5 +80,7 @@ def run(cfg: Config, tracker) -> dict:
             f"{c}," + ",".join(str(metrics[m]["per_class"][c]) for m in cols) + "\n" for c in classes))
     save_json(metrics, paths.REPORTS / "metrics.json")
     tracker.log_artifact(paths.REPORTS / "metrics.json")
+    tracker.log_data_input("real-test", paths.PREPARED, "real", context="evaluation")
+    tracker.set_tags({"student.sha256": sha256_file(paths.STUDENT / "model.pt")})
     out = {k: round(metrics[k]["accuracy"], 4) for k in ("teacher", "student", "baseline") if k in metrics}
     return {**out, "agreement": round(metrics["agreement"], 4)}

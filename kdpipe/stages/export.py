@@ -3,7 +3,13 @@
 Input ``input``: float32 N×C×H×W in [0, 1] (normalisation is inside the graph), dynamic batch;
 output ``logits``. metadata_props: classes (JSON list, model order), input_size (JSON [C, H, W]),
 input_range, arch. Checked with onnx.checker and against PyTorch through onnxruntime on the test
-split; the parity figures go to data/export/metrics.json (DVC metrics)."""
+split; the parity figures go to data/export/metrics.json (DVC metrics).
+
+With ``export.int8`` (default true) also ``student.int8.onnx``: static QDQ INT8 calibrated on
+``export.calibration_samples`` synthetic samples only (kdpipe/quantize.py), scored on the test split
+(accuracy, top-1 agreement with FP32), with its size and the single-thread CPU latency (median ms,
+batch 1 and 64) of both models in metrics.json. dvc.yaml declares it as an out, so under DVC keep
+int8 true; with int8 false (kdpipe run --no-dvc) the stage writes no INT8 file and removes a stale one."""
 from __future__ import annotations
 
 import json
@@ -14,9 +20,11 @@ import torch
 
 from kdpipe import data, paths
 from kdpipe.config import Config
+from kdpipe.quantize import calibration_subset, latency_ms, quantize_int8, session
 from kdpipe.stages.evaluate import load_model
 from kdpipe.train import predict
-from kdpipe.utils import atomic_path, save_json, sha256_file
+from kdpipe.tracking import register_student
+from kdpipe.utils import atomic_path, load_json, load_torch, save_json, sha256_file
 
 
 def export_onnx(model: torch.nn.Module, spec: dict, path, opset: int) -> None:
@@ -35,10 +43,36 @@ def export_onnx(model: torch.nn.Module, spec: dict, path, opset: int) -> None:
         onnx.save(m, str(tmp))
 
 
+def export_int8(cfg: Config, fp32_path, x: np.ndarray, y: np.ndarray, fp32_logits: np.ndarray) -> dict:
+    """student.int8.onnx, calibrated on synthetic samples only; its figures next to FP32's."""
+    path, samples = paths.EXPORT / "student.int8.onnx", paths.SYNTHETIC / "samples.pt"
+    if not samples.exists():
+        raise data.DataError(f"export.int8: calibration samples '{samples}' are missing: run the synthesize stage")
+    calib = calibration_subset(load_torch(samples)["x"], cfg.export.calibration_samples, cfg.seed)
+    quantize_int8(fp32_path, path, calib)
+    fp32, int8 = session(fp32_path), session(path)
+    got = int8.run(["logits"], {"input": x})[0]
+    m = {"int8_accuracy": float((got.argmax(1) == y).mean()),
+         "int8_top1_agreement": float((got.argmax(1) == fp32_logits.argmax(1)).mean()),
+         "int8_max_abs_diff": float(np.abs(got - fp32_logits).max()),
+         "int8_calibration_samples": len(calib), "int8_size_bytes": path.stat().st_size, "int8_sha256": sha256_file(path)}
+    for b in (1, 64):
+        xb = np.ascontiguousarray(x[np.arange(b) % len(x)])
+        m[f"latency_ms_b{b}_fp32"], m[f"latency_ms_b{b}_int8"] = latency_ms(fp32, xb), latency_ms(int8, xb)
+    return m
+
+
 def run(cfg: Config, tracker) -> dict:
     import onnxruntime as ort
 
     model, spec = load_model(paths.STUDENT, "cpu")
+    meta = data.load_meta()  # the input spec must match the data the ONNX model will be scored and used on
+    want = (meta["channels"], meta["image_size"], list(meta["classes"]))
+    if (spec["in_channels"], spec["image_size"], list(spec["classes"])) != want:
+        raise data.DataError(
+            f"export: the student '{paths.STUDENT / 'spec.json'}' takes {spec['in_channels']}x{spec['image_size']}x"
+            f"{spec['image_size']} input with classes {spec['classes'][:10]}, but the data '{paths.PREPARED / 'meta.json'}' "
+            f"is {want[0]}x{want[1]}x{want[1]} with classes {want[2][:10]}: re-run train-teacher, synthesize and distill on it")
     out = paths.EXPORT / "student.onnx"
     export_onnx(model, spec, out, cfg.export.opset)
     x, y = data.load_split("test", "cpu")
@@ -56,9 +90,21 @@ def run(cfg: Config, tracker) -> dict:
     }
     if diff > cfg.export.atol:
         raise RuntimeError(f"export: onnxruntime differs from PyTorch by {diff:.2e} > export.atol {cfg.export.atol}")
+    if cfg.export.int8:
+        metrics.update(export_int8(cfg, out, x.numpy(), y.numpy(), got))
+        tracker.log_artifact(paths.EXPORT / "student.int8.onnx")
+    else:
+        (paths.EXPORT / "student.int8.onnx").unlink(missing_ok=True)  # no stale INT8 model beside a new FP32 one
     save_json(metrics, paths.EXPORT / "metrics.json")
-    tracker.log_metrics({k: v for k, v in metrics.items() if k != "sha256"})
-    tracker.set_tags({"onnx.sha256": metrics["sha256"]})
-    tracker.log_artifact(out)
-    return {"max_abs_diff": f"{diff:.1e}", "top1_agreement": metrics["top1_agreement"],
-            "onnx_accuracy": round(metrics["onnx_accuracy"], 4)}
+    tracker.log_metrics({k: v for k, v in metrics.items() if not k.endswith("sha256")})
+    tracker.set_tags({"onnx.sha256": metrics["sha256"], "student.sha256": sha256_file(paths.STUDENT / "model.pt")})
+    reports = paths.REPORTS / "metrics.json"
+    evaluated = load_json(reports) if reports.exists() else {}
+    version = register_student(tracker, cfg, out, paths.STUDENT, {
+        **{f"{k}_accuracy": evaluated[k]["accuracy"] for k in ("teacher", "student") if k in evaluated},
+        **{k: v for k, v in metrics.items() if k in ("onnx_accuracy", "top1_agreement", "max_abs_diff")}})
+    return {**({"registered": f"{cfg.tracking.registered_model}/{version}"} if version else {}),
+            "max_abs_diff": f"{diff:.1e}", "top1_agreement": metrics["top1_agreement"],
+            "onnx_accuracy": round(metrics["onnx_accuracy"], 4),
+            **({"int8_accuracy": round(metrics["int8_accuracy"], 4),
+                "int8_top1_agreement": round(metrics["int8_top1_agreement"], 4)} if cfg.export.int8 else {})}

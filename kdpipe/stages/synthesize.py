@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +28,9 @@ from kdpipe.synth.generator import Generator
 from kdpipe.synth.losses import act_term, adv_term, ce_term, ie_term
 from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import ReplayBuffer, anneal_beta
-from kdpipe.train import sgd
+from kdpipe.resume import Resume
+from kdpipe.train import check_finite, check_weights, sgd
+from kdpipe.utils import atomic_path, dvc_md5, sha256_file
 from kdpipe.utils import load_json, load_torch, pick_device, save_figure, save_json, save_torch, seed_everything, sha256_tensors
 
 
@@ -85,7 +88,16 @@ def run(cfg: Config, tracker) -> dict:
                         "teacher.arch": tspec["arch"]})
     kd_total, kd_step = s.rounds * s.kd_steps, 0
     t0, t_gen = time.perf_counter(), 0.0
-    bar = tqdm(range(s.rounds), desc="synthesize", leave=False, disable=None)
+    code = [__file__, *sorted(Path(__file__).parents[1].joinpath("synth").glob("*.py"))]
+    resume = Resume(cfg, "synthesize", [paths.TEACHER, *code], unit="round")
+    state = resume.load(tracker, g)
+    if state:  # everything that carries over from one round to the next
+        for obj, k in ((gen, "gen"), (opt_g, "opt_g"), (student, "student"), (opt_s, "opt_s"), (buf, "buffer")):
+            obj.load_state_dict(state[k])
+        for h, (mp, vp) in zip(bn.hooks, state["bn_prev"]):
+            h.mean_prev, h.var_prev = (None, None) if mp is None else (mp.to(device), vp.to(device))
+        kd_step, t_gen = state["kd_step"], state["t_gen"]
+    bar = tqdm(range(state["done"] if state else 0, s.rounds), desc="synthesize", leave=False, disable=None)
     for r in bar:
         tg = time.perf_counter()
         # 1. generator steps (targets: uniform, or inversely to the buffer's class histogram)
@@ -101,7 +113,7 @@ def run(cfg: Config, tracker) -> dict:
         opt_z = torch.optim.Adam([z], lr=s.lr_z, betas=(0.5, 0.999)) if s.lr_z > 0 else None
         student.eval()
         use_adv = s.w_adv > 0 and r >= s.warmup_rounds
-        for _ in range(s.g_steps):
+        for j in range(s.g_steps):
             x = fast(z)
             t_logits = teacher(x)
             w = phi_weights(t_logits, s.phi_gamma, s.phi_clip, buf.class_freq()) if s.phi else torch.ones(len(x), device=device)
@@ -112,8 +124,10 @@ def run(cfg: Config, tracker) -> dict:
             if s.w_act > 0:
                 per = per + s.w_act * act_term(feats["f"])
             loss_g = (w * per).mean() + ((w if s.phi_ce else 1.0) * ce).mean() + s.w_bn * bn.loss() + s.w_ie * ie_term(t_logits)
-            if not torch.isfinite(loss_g):
-                raise FloatingPointError(f"synthesize: non-finite generator loss at round {r}")
+            if not torch.isfinite(loss_g):  # name the (switched-on) terms that are not finite
+                check_finite(f"synthesize (generator, round {r})", r * s.g_steps + j, total=loss_g,
+                             ce=((w if s.phi_ce else 1.0) * ce).mean(), adv_act=(w * per).mean(),
+                             bn=s.w_bn * bn.loss() if s.w_bn else 0.0, ie=s.w_ie * ie_term(t_logits) if s.w_ie else 0.0)
             opt.zero_grad(set_to_none=True)
             if opt_z:
                 opt_z.zero_grad(set_to_none=True)
@@ -141,6 +155,7 @@ def run(cfg: Config, tracker) -> dict:
             sl = student(xb)
             phi = phi_weights(tb, s.phi_gamma, s.phi_clip, buf.class_freq()) if s.phi else 1.0
             loss = distill_loss(sl, tb, s.temperature, 1.0, iw * phi)
+            check_finite(f"synthesize (proxy student, round {r})", kd_step, kd=loss)
             opt_s.zero_grad(set_to_none=True)
             loss.backward()
             opt_s.step()
@@ -152,7 +167,11 @@ def run(cfg: Config, tracker) -> dict:
              "hist_max": int(hist.max())}
         tracker.log_metrics(m, step=r)
         bar.set_postfix(H=f"{m['class_entropy']:.3f}", n=buf.size)
+        resume.save(r + 1, s.rounds, {"gen": gen.state_dict(), "opt_g": opt_g.state_dict(), "student": student.state_dict(),
+                                      "opt_s": opt_s.state_dict(), "buffer": buf.state_dict(), "kd_step": kd_step,
+                                      "t_gen": t_gen, "bn_prev": [(h.mean_prev, h.var_prev) for h in bn.hooks]}, g)
     bn.remove()
+    check_weights("synthesize", gen)
     wall = time.perf_counter() - t0
 
     # outputs: one DVC-versioned folder
@@ -162,8 +181,8 @@ def run(cfg: Config, tracker) -> dict:
     digest = sha256_tensors(st["x"], st["logits"])
     save_torch(st, paths.SYNTHETIC / "samples.pt")
     sample_grid(st["x"], preds, tspec["classes"], paths.SYNTHETIC / "grid.png")
-    with open(paths.SYNTHETIC / "histogram.csv", "w") as f:
-        f.write("class,count\n" + "".join(f"{c},{int(n)}\n" for c, n in zip(tspec["classes"], hist)))
+    with atomic_path(paths.SYNTHETIC / "histogram.csv") as tmp:
+        tmp.write_text("class,count\n" + "".join(f"{c},{int(n)}\n" for c, n in zip(tspec["classes"], hist)))
     meta = {
         "spec": {k: v for k, v in tspec.items() if k != "arch"},
         "teacher_arch": tspec["arch"],
@@ -181,8 +200,10 @@ def run(cfg: Config, tracker) -> dict:
     save_torch(gen.state_dict(), paths.SYNTHETIC / "generator.pt")
     tracker.log_metrics({"n_samples": meta["n"], "final_class_entropy": meta["class_entropy"],
                          "teacher_confidence": meta["teacher_confidence"], "wall_s": wall})
-    tracker.set_tags({"synthetic.sha256": digest})
+    tracker.set_tags({"synthetic.sha256": digest, "synthetic.dvc_md5": dvc_md5(paths.SYNTHETIC),
+                      "teacher.sha256": sha256_file(paths.TEACHER / "model.pt")})
     tracker.log_artifact(paths.SYNTHETIC / "grid.png")
     tracker.log_artifact(paths.SYNTHETIC / "histogram.csv")
+    resume.finish()
     return {"n": meta["n"], "entropy": round(meta["class_entropy"], 4), "hist": f"{int(hist.min())}-{int(hist.max())}",
             "wall_s": round(wall, 1)}

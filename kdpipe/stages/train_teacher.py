@@ -4,33 +4,61 @@ weights_only=True) nothing is trained: the checkpoint is checked against the arc
 on the validation split, and written to data/teacher/ as it is."""
 from pathlib import Path
 
-from kdpipe import data, paths
+from kdpipe import data, paths, train
 from kdpipe.config import Config, ConfigError
 from kdpipe.models import build_model, make_spec
+from kdpipe.resume import Resume
 from kdpipe.train import accuracy, fit_supervised, predict
 from kdpipe.utils import load_torch, pick_device, save_json, save_torch, seed_everything, sha256_file
 
 
-def load_checkpoint(model, path: str) -> str:
-    """Load a state_dict into ``model`` (strict); one clear error naming missing/unexpected keys."""
+def _is_torchscript(p: Path) -> bool:
+    """torch.jit.save writes a zip holding <name>/constants.pkl and <name>/code/; torch.save's zip has neither."""
+    import zipfile
+
+    if not zipfile.is_zipfile(p):
+        return False
+    with zipfile.ZipFile(p) as z:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def load_checkpoint(model, path: str) -> tuple[str, str]:
+    """Load a teacher checkpoint into ``model`` (strict) -> (route, sha256 of the file). Routes:
+    "state_dict" (torch.load, weights_only=True) or "torchscript" (a torch.jit.save archive, loaded
+    on CPU; only its state_dict is taken, so the network is teacher.arch's own and BN hooks and
+    export work unchanged). Keys without the Classifier's ``net.`` prefix (a bare network's weights)
+    load into ``model.net``, with the data's mean/std as input normalisation. One clear error
+    naming missing/unexpected keys."""
+    import torch
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"teacher.checkpoint '{p}' does not exist")
+    route = "torchscript" if _is_torchscript(p) else "state_dict"
     try:
-        state = load_torch(p)
-    except Exception as e:
-        raise ConfigError(f"teacher.checkpoint '{p}' is not a loadable weights-only checkpoint: {e}") from None
+        state = torch.jit.load(str(p), map_location="cpu").state_dict() if route == "torchscript" else load_torch(p)
+    except Exception as e:  # truncated, not a checkpoint, or a pickle carrying code: one line naming the file
+        kind = "TorchScript archive" if route == "torchscript" else "weights-only checkpoint"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        why = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0]).split(". ")[0]
+        with open(p, "rb") as f:
+            head = f.read(2)
+        what = ("refused: only tensors and containers are loaded, never code" if why.startswith("Unsupported")
+                else "truncated?" if head == b"PK" else "not a file written by torch.save" if head[:1] != b"\x80" else "")
+        raise ConfigError(f"teacher.checkpoint '{p}' is not a loadable {kind}: {why}"
+                          + (f" ({what})" if what else "")) from None
     if not isinstance(state, dict):
         raise ConfigError(f"teacher.checkpoint '{p}' holds a {type(state).__name__}, not a state_dict")
-    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+    target = model.net if hasattr(model, "net") and not any(k.startswith("net.") for k in state) else model
+    missing, unexpected = target.state_dict().keys() - state.keys(), state.keys() - target.state_dict().keys()
     if missing or unexpected:
-        raise ConfigError(f"teacher.checkpoint '{p}' does not fit teacher.arch: missing keys {sorted(missing)[:8]}, "
-                          f"unexpected keys {sorted(unexpected)[:8]}")
+        raise ConfigError(f"teacher.checkpoint '{p}' ({route}) does not fit teacher.arch: missing keys "
+                          f"{sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}")
     try:
-        model.load_state_dict(state)
+        target.load_state_dict(state)
     except RuntimeError as e:
-        raise ConfigError(f"teacher.checkpoint '{p}' does not fit teacher.arch: {e}") from None
-    return sha256_file(p)
+        raise ConfigError(f"teacher.checkpoint '{p}' ({route}) does not fit teacher.arch: {e}") from None
+    return route, sha256_file(p)
 
 
 def run(cfg: Config, tracker) -> dict:
@@ -43,15 +71,26 @@ def run(cfg: Config, tracker) -> dict:
     xv, yv = data.load_split("val", device)
     tracker.log_params({"teacher": cfg.teacher.model_dump(mode="json"), "seed": cfg.seed,
                         "n_params": sum(p.numel() for p in model.parameters())})
-    if cfg.teacher.checkpoint:
-        digest = load_checkpoint(model, cfg.teacher.checkpoint)
-        tracker.set_tags({"teacher.checkpoint_sha256": digest})
-        res = {"val_acc": accuracy(predict(model, xv), yv), "checkpoint_sha256": digest}
+    if cfg.teacher.checkpoint:  # bring your own teacher: nothing is trained
+        route, digest = load_checkpoint(model, cfg.teacher.checkpoint)
+        bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            raise ConfigError(f"teacher.checkpoint '{cfg.teacher.checkpoint}' holds NaN/inf weights in {bad[:8]}")
+        tracker.log_params({"teacher.checkpoint_route": route, "teacher.checkpoint_sha256": digest})
+        tracker.set_tags({"kdpipe.skipped": "byo-teacher", "teacher.checkpoint_route": route,
+                          "teacher.checkpoint_sha256": digest})
+        res = {"val_acc": accuracy(predict(model, xv), yv), "checkpoint_sha256": digest, "route": route}
     else:
-        res = fit_supervised(model, x, y, xv, yv, cfg.teacher, tracker, "train-teacher", generator=g)
+        resume = Resume(cfg, "train-teacher", [paths.PREPARED, __file__, train.__file__])
+        res = fit_supervised(model, x, y, xv, yv, cfg.teacher, tracker, "train-teacher", generator=g, resume=resume)
     res["train_acc"] = accuracy(predict(model, x), y)
     save_torch(model.state_dict(), paths.TEACHER / "model.pt")
     save_json(spec, paths.TEACHER / "spec.json")
     tracker.log_metrics({"final_val_acc": res["val_acc"], "final_train_acc": res["train_acc"]})
+    tracker.log_data_input("real-train", paths.PREPARED, "real")  # the real data digest (= its DVC md5)
+    tracker.set_tags({"teacher.sha256": sha256_file(paths.TEACHER / "model.pt")})
+    if not cfg.teacher.checkpoint:
+        resume.finish()
     return {"val_acc": round(res["val_acc"], 4), "train_acc": round(res["train_acc"], 4),
-            **({"byo": res["checkpoint_sha256"][:12]} if cfg.teacher.checkpoint else {})}
+            **({"skipped": "byo-teacher", "byo": f"{res['route']}:{res['checkpoint_sha256'][:12]}"}
+               if cfg.teacher.checkpoint else {})}

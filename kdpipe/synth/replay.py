@@ -113,3 +113,13 @@ class ReplayBuffer:
         s = self.size
         return {"x": self.x[:s].cpu(), "logits": self.logits[:s].cpu(), "priority": self.priority[:s].cpu(),
                 "age": self.age[:s].cpu()}
+
+    def state_dict(self) -> dict:
+        """The whole buffer (all slots, size, clock) for a resume checkpoint; ``state`` is the output."""
+        return {"x": self.x, "logits": self.logits, "priority": self.priority, "age": self.age,
+                "size": self.size, "clock": self.clock}
+
+    def load_state_dict(self, st: dict) -> None:
+        for k in ("x", "logits", "priority", "age"):
+            getattr(self, k).copy_(st[k])
+        self.size, self.clock = int(st["size"]), int(st["clock"])

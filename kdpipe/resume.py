@@ -1,0 +1,91 @@
+"""Resume checkpoints for the long stages (train-teacher, synthesize, distill).
+
+One file per stage, ``<resume.dir>/<stage>.pt`` (scratch: not a DVC output, git-ignored), written
+atomically every ``resume.every`` epochs/rounds and deleted when the stage has written its outputs.
+It holds what the rest of the run depends on: the stage's state_dicts (models, optimizers,
+schedulers, replay buffer, ...) and every RNG state (torch CPU/CUDA, the stage's torch.Generator,
+numpy, random), so a run killed with -9 and started again ends bit-identical to an uninterrupted one
+on CPU with a fixed seed. Reading and writing it draws no random numbers.
+
+The file is keyed by the params hash (every section but ``resume``, ``tracking`` and ``audit``,
+which do not change results) and the DVC md5 of the stage's inputs and code; a checkpoint written
+with other params or inputs is ignored, and the stage says so. Loaded with weights_only=True.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdpipe.config import Config
+from kdpipe.utils import dvc_md5, load_torch, save_torch
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """Every RNG state, as tensors / ints / tuples (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generator": generator.get_state() if generator is not None else None,
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "random": random.getstate()}
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and state["generator"] is not None:
+        generator.set_state(state["generator"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["random"])
+
+
+def resume_key(cfg: Config, stage: str, inputs) -> str:
+    """sha256 of the stage name, the result-relevant params and the DVC md5 of each input (file or folder)."""
+    params = cfg.model_dump(mode="json", exclude={"resume", "tracking", "audit"})
+    blob = json.dumps({"stage": stage, "params": params, "inputs": [dvc_md5(p) for p in inputs]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Resume:
+    """The resume checkpoint of one stage run: ``load`` at the start, ``save`` after each epoch or
+    round, ``finish`` once the outputs are written. ``unit`` names what is counted (epoch, round)."""
+
+    def __init__(self, cfg: Config, stage: str, inputs, unit: str = "epoch"):
+        self.enabled, self.every, self.stage, self.unit = cfg.resume.enabled, cfg.resume.every, stage, unit
+        self.path = Path(cfg.resume.dir) / f"{stage}.pt"
+        self.key = resume_key(cfg, stage, inputs) if self.enabled else None
+
+    def load(self, tracker, generator: torch.Generator | None = None) -> dict | None:
+        """The saved state (RNG states already restored), or None: start from scratch."""
+        if not self.enabled or not self.path.exists():
+            return None
+        try:
+            state = load_torch(self.path)
+            stale = state.get("key") != self.key
+        except Exception as e:  # a checkpoint that cannot be read is never trusted
+            state, stale = None, f"unreadable ({type(e).__name__})"
+        if state is None or stale:
+            why = stale if isinstance(stale, str) else "written with other params or inputs"
+            print(f"[kdpipe] {self.stage}: ignoring resume checkpoint {self.path}: {why}; starting from scratch", flush=True)
+            tracker.set_tags({"kdpipe.resume_ignored": why})
+            return None
+        set_rng_state(state["rng"], generator)
+        print(f"[kdpipe] {self.stage}: resumed from {self.path} after {self.unit} {state['done']}", flush=True)
+        tracker.set_tags({"kdpipe.resumed": "true", "kdpipe.resumed_from": f"{self.unit} {state['done']}"})
+        return state
+
+    def save(self, done: int, total: int, state: dict, generator: torch.Generator | None = None) -> None:
+        """After ``done`` of ``total`` epochs/rounds: every ``resume.every``, never after the last."""
+        if self.enabled and done < total and done % self.every == 0:
+            save_torch({"key": self.key, "stage": self.stage, "done": done, "rng": rng_state(generator), **state},
+                       self.path)
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
