@@ -29,15 +29,27 @@ from prefect.runtime import flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
 from kdpipe import paths  # noqa: E402
-from kdpipe.config import load_config  # noqa: E402
+from kdpipe.config import ConfigError, load_config  # noqa: E402
+from kdpipe.data import DataError  # noqa: E402
 from kdpipe.pipeline import dvc_available, dvc_repro, summary  # noqa: E402
 from kdpipe.stages import STAGES, run_stage  # noqa: E402
 from kdpipe.tracking import PREFECT_ENV, pipeline_run, tag_dvc_lock, tracking_uri  # noqa: E402
 
 
+def _transient(task, task_run, state) -> bool:
+    """Retry unless the failure is a user error or a NaN stop (re-running cannot fix those)."""
+    try:
+        state.result()
+    except (ConfigError, DataError, FloatingPointError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
 # transient failures (a tracking server briefly down, a busy disk): retried after ~5 s, then ~10 s
 @task(task_run_name="{stage}", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-      retry_jitter_factor=0.5)
+      retry_jitter_factor=0.5, retry_condition_fn=_transient)
 def stage_task(stage: str, config: str, overrides: list[str], use_dvc: bool) -> None:
     if use_dvc:
         dvc_repro(stage, single=True)

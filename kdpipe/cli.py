@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from kdpipe.config import ConfigError, load_config
     from kdpipe.data import DataError
+    from kdpipe.pipeline import StageFailed
 
     args = _parser().parse_args(argv)
     try:
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FloatingPointError as e:  # NaN/inf in a loss or in weights: the stage stopped, earlier outputs kept
         print(f"kdpipe: stopped: {e}", file=sys.stderr)
+        return 1
+    except StageFailed as e:  # a stage under `dvc repro` failed; its own message is printed above
+        print(f"kdpipe: {e}", file=sys.stderr)
         return 1
     return 0
 

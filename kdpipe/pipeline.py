@@ -15,6 +15,10 @@ from kdpipe.stages import STAGES, run_stage
 from kdpipe.tracking import pipeline_run, tag_dvc_lock
 
 
+class StageFailed(RuntimeError):
+    """A stage run by ``dvc repro`` exited non-zero (it printed why)."""
+
+
 def dvc_available() -> bool:
     return Path("dvc.yaml").exists() and Path(".dvc").is_dir()
 
@@ -25,7 +29,7 @@ def dvc_repro(stage: str | None = None, single: bool = False) -> None:
     cmd = [dvc, "repro"] + (["--single-item"] if single else []) + ([stage] if stage else [])
     r = subprocess.run(cmd, env=os.environ.copy())
     if r.returncode != 0:
-        raise RuntimeError(f"'{' '.join(cmd[1:])}' failed with exit code {r.returncode}")
+        raise StageFailed(f"'dvc {' '.join(cmd[1:])}' failed with exit code {r.returncode}")
 
 
 def summary() -> str:
