@@ -1,9 +1,11 @@
 """Ablation of the data-free parts on one dataset: each row adds one part (SSD-KD's table shape).
 
-    python bench/ablation.py [--config configs/mnist.yaml] [--set key=value ...] [--rows all,plain,...]
+    python bench/ablation.py [--config configs/mnist.yaml] [--set key=value ...] [--rows 0,1,4] [--seeds 3]
+                             [--tag small]
 
-Runs prepare + train-teacher once in a scratch folder, then synthesize -> distill -> evaluate per
-row (tracking off), and writes bench/results/ablation-<data>.json plus a markdown table on stdout.
+Runs prepare + train-teacher once in a scratch folder (seed 0: one teacher for every row), then
+synthesize -> distill -> evaluate per row and per seed (seed = 0..seeds-1, tracking off), and writes
+bench/results/ablation-<data>[-<tag>].json plus a markdown table (mean ± std over the seeds) on stdout.
 """
 from __future__ import annotations
 
@@ -35,10 +37,31 @@ ROWS = {
                                   "synthesize.phi=true", "distill.phi=true", "synthesize.priority=true",
                                   "distill.priority=true"],
     "priority sampling without φ": ["synthesize.priority=true", "distill.priority=true"],
+    "φ with γ = 0.5 (gentler focal term)": ["synthesize.phi=true", "distill.phi=true", "synthesize.phi_gamma=0.5"],
+    "φ diversity only (γ = 0)": ["synthesize.phi=true", "distill.phi=true", "synthesize.phi_gamma=0"],
+    "priority sampling in distill only": ["distill.priority=true"],
     "all (+ balanced targets, entropy term)": ["synthesize.phi=true", "distill.phi=true", "synthesize.w_ie=1",
                                                "synthesize.priority=true", "distill.priority=true",
                                                "synthesize.balanced_targets=true"],
 }
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per row, mean ± sample std over its seeds (std omitted for one seed)."""
+    import statistics as st
+
+    def ms(v, fmt):
+        return f"{st.mean(v):{fmt}}" + (f" ± {st.stdev(v):{fmt}}" if len(v) > 1 else "")
+
+    out = ["| row | seeds | student acc | class entropy (max) | histogram min–max | kept / synthesized | synthesize s | distill s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["row"] for r in rows):
+        g = [r for r in rows if r["row"] == name]
+        out.append(f"| {name} | {len(g)} | {ms([r['student_acc'] for r in g], '.4f')} | "
+                   f"{ms([r['class_entropy'] for r in g], '.3f')} ({g[0]['max_entropy']:.3f}) | "
+                   f"{min(r['hist_min'] for r in g)}–{max(r['hist_max'] for r in g)} | {g[0]['kept']} / {g[0]['synthesized']} | "
+                   f"{st.mean(r['synthesize_s'] for r in g):.1f} | {st.mean(r['distill_s'] for r in g):.1f} |")
+    return "\n".join(out)
 
 
 def main() -> int:
@@ -50,7 +73,12 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "params.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--rows", default=None, help="comma-separated row numbers (0-based) of ROWS; default all")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per row (synthesize + distill); the teacher is seed 0's")
+    ap.add_argument("--tag", default=None, help="suffix of the results file")
     a = ap.parse_args()
+    names = list(ROWS)
+    picked = [names[int(i)] for i in a.rows.split(",")] if a.rows else names
     config = str(Path(a.config).resolve())
     work = Path(a.workdir or tempfile.mkdtemp(prefix="kdpipe-ablation-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -62,39 +90,37 @@ def main() -> int:
             run_stage(stage, cfg)
     teacher_acc = None
     rows = []
-    for name, extra in ROWS.items():
-        cfg = load_config(config, base + extra)
-        t0 = time.perf_counter()
-        run_stage("synthesize", cfg)
-        t1 = time.perf_counter()
-        run_stage("distill", cfg)
-        t2 = time.perf_counter()
-        cfg_eval = load_config(config, base + ["baseline.enabled=false"])
-        run_stage("baseline", cfg_eval)
-        run_stage("evaluate", cfg_eval)
-        m, syn = load_json("data/reports/metrics.json"), load_json("data/synthetic/meta.json")
-        teacher_acc = m["teacher"]["accuracy"]
-        rows.append({"row": name, "overrides": extra, "student_acc": m["student"]["accuracy"],
-                     "class_entropy": syn["class_entropy"], "max_entropy": syn["max_entropy"],
-                     "hist_min": min(syn["histogram"]), "hist_max": max(syn["histogram"]),
-                     "kept": syn["n"], "synthesized": syn["generated"],
-                     "synthesize_s": round(t1 - t0, 1), "distill_s": round(t2 - t1, 1)})
-        print(json.dumps(rows[-1]), flush=True)
+    for name in picked:
+        extra = ROWS[name]
+        for seed in range(a.seeds):
+            cfg = load_config(config, base + extra + [f"seed={seed}"])
+            t0 = time.perf_counter()
+            run_stage("synthesize", cfg)
+            t1 = time.perf_counter()
+            run_stage("distill", cfg)
+            t2 = time.perf_counter()
+            cfg_eval = load_config(config, base + ["baseline.enabled=false"])
+            run_stage("baseline", cfg_eval)
+            run_stage("evaluate", cfg_eval)
+            m, syn = load_json("data/reports/metrics.json"), load_json("data/synthetic/meta.json")
+            teacher_acc = m["teacher"]["accuracy"]
+            rows.append({"row": name, "seed": seed, "overrides": extra, "student_acc": m["student"]["accuracy"],
+                         "class_entropy": syn["class_entropy"], "max_entropy": syn["max_entropy"],
+                         "hist_min": min(syn["histogram"]), "hist_max": max(syn["histogram"]),
+                         "kept": syn["n"], "synthesized": syn["generated"],
+                         "synthesize_s": round(t1 - t0, 1), "distill_s": round(t2 - t1, 1)})
+            print(json.dumps(rows[-1]), flush=True)
     import torch
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     out = {"data": cfg.data.name, "config": Path(a.config).name, "overrides": a.overrides, "teacher_acc": teacher_acc,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-           "torch": torch.__version__, "commit": commit, "date": date.today().isoformat(), "rows": rows}
-    res = ROOT / "bench" / "results" / f"ablation-{cfg.data.name}.json"
+           "torch": torch.__version__, "commit": commit, "date": date.today().isoformat(), "seeds": a.seeds, "rows": rows}
+    res = ROOT / "bench" / "results" / f"ablation-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json"
     res.parent.mkdir(parents=True, exist_ok=True)
     res.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\n{cfg.data.name}: teacher {teacher_acc:.4f}; device {out['device']}; torch {out['torch']}; commit {commit}; {out['date']}\n")
-    print("| row | student acc | class entropy (max) | histogram min–max | kept / synthesized | synthesize s | distill s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['row']} | {r['student_acc']:.4f} | {r['class_entropy']:.3f} ({r['max_entropy']:.3f}) | "
-              f"{r['hist_min']}–{r['hist_max']} | {r['kept']} / {r['synthesized']} | {r['synthesize_s']} | {r['distill_s']} |")
+    print(table(rows))
     return 0
 
 

@@ -10,6 +10,8 @@ on CPU with a fixed seed. Reading and writing it draws no random numbers.
 The file is keyed by the params hash (every section but ``resume``, ``tracking`` and ``audit``,
 which do not change results) and the DVC md5 of the stage's inputs and code; a checkpoint written
 with other params or inputs is ignored, and the stage says so. Loaded with weights_only=True.
+It also names the MLflow run that wrote it: the resumed run is tagged ``kdpipe.resumed_run`` with
+that id, and the killed run, left RUNNING by a SIGKILL, is marked KILLED.
 """
 from __future__ import annotations
 
@@ -53,6 +55,19 @@ def resume_key(cfg: Config, stage: str, inputs) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def close_killed_run(run_id: str) -> None:
+    """A run that wrote a resume checkpoint and is still RUNNING was killed (SIGKILL leaves no end
+    time): mark it KILLED. Unknown ids (another tracking store) are left alone."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+    except Exception:  # mlflow.exceptions.MlflowException: not in this store
+        pass
+
+
 class Resume:
     """The resume checkpoint of one stage run: ``load`` at the start, ``save`` after each epoch or
     round, ``finish`` once the outputs are written. ``unit`` names what is counted (epoch, round)."""
@@ -61,9 +76,11 @@ class Resume:
         self.enabled, self.every, self.stage, self.unit = cfg.resume.enabled, cfg.resume.every, stage, unit
         self.path = Path(cfg.resume.dir) / f"{stage}.pt"
         self.key = resume_key(cfg, stage, inputs) if self.enabled else None
+        self.run_id = None  # the MLflow run writing the checkpoints (set by load)
 
     def load(self, tracker, generator: torch.Generator | None = None) -> dict | None:
         """The saved state (RNG states already restored), or None: start from scratch."""
+        self.run_id = tracker.run_id
         if not self.enabled or not self.path.exists():
             return None
         try:
@@ -79,13 +96,16 @@ class Resume:
         set_rng_state(state["rng"], generator)
         print(f"[kdpipe] {self.stage}: resumed from {self.path} after {self.unit} {state['done']}", flush=True)
         tracker.set_tags({"kdpipe.resumed": "true", "kdpipe.resumed_from": f"{self.unit} {state['done']}"})
+        if state.get("run_id") and tracker.mlflow:
+            close_killed_run(state["run_id"])
+            tracker.set_tags({"kdpipe.resumed_run": state["run_id"]})
         return state
 
     def save(self, done: int, total: int, state: dict, generator: torch.Generator | None = None) -> None:
         """After ``done`` of ``total`` epochs/rounds: every ``resume.every``, never after the last."""
         if self.enabled and done < total and done % self.every == 0:
-            save_torch({"key": self.key, "stage": self.stage, "done": done, "rng": rng_state(generator), **state},
-                       self.path)
+            save_torch({"key": self.key, "stage": self.stage, "done": done, "run_id": self.run_id,
+                        "rng": rng_state(generator), **state}, self.path)
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -265,6 +265,8 @@ def test_kill_9_then_resume_ends_identical(stage, out, file, total, base, proj, 
                                   "tags.`kdpipe.stage` = 'distill' and attributes.status = 'FINISHED'")
         (run,) = runs
         assert run.data.tags["kdpipe.resumed"] == "true" and run.data.tags["kdpipe.resumed_from"] == f"epoch {done}"
+        killed_run = client.get_run(run.data.tags["kdpipe.resumed_run"])  # the SIGKILLed run, closed by the resume
+        assert killed_run.info.status == "KILLED" and killed_run.data.tags["kdpipe.stage"] == "distill"
         assert run.data.tags["kdpipe.privacy"] == "data-free" and run.data.tags["data.private"] == "False"
 
 
