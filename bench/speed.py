@@ -1,6 +1,7 @@
 """Throughput (images/s) of each stage's step next to its floor, for the same models in the same run.
 
     python bench/speed.py [--preset configs/cifar10.yaml] [--seconds 5] [--max-images 8192] [--set key=value ...]
+                          [--amp auto|bf16|off] [--channels-last auto|true|false] [--compile]
 
 Stage: the real stage code (kdpipe.stages, tracking off) in a scratch folder, run twice: 1 epoch
 (or round), then 1+k with k sized from the floor to take about --seconds more; images/s = the k
@@ -13,14 +14,16 @@ device, timed for --seconds:
               round's proxy-student KD steps and buffer update in its time);
   distill:    teacher forward + student KD step (the stage reads stored teacher logits unless
               distill.augment, so it may beat this floor).
-On CUDA the floors run under bf16 autocast with channels_last; the stages run as they are.
+Speed knobs (the ``speed:`` section, kdpipe/accel.py; --amp, --channels-last, --compile set them):
+the floors use them as the supervised stages do (bf16 autocast, channels_last, fused SGD, compile);
+with the defaults that is bf16 + channels_last on CUDA and plain fp32 on CPU. Compare a knob by
+running twice on the same machine, e.g. with and without --compile.
 An ImageFolder preset is cut to --max-images training images (symlinks) so epochs stay short.
 Writes bench/results/speed-<preset>-<device>.json and prints a markdown table.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import subprocess
@@ -36,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kdpipe import data  # noqa: E402
+from kdpipe import accel, data  # noqa: E402
 from kdpipe.config import load_config  # noqa: E402
 from kdpipe.losses import kd_loss  # noqa: E402
 from kdpipe.models import build_model, make_spec  # noqa: E402
@@ -94,10 +97,15 @@ def main() -> int:
     ap.add_argument("--max-images", type=int, default=8192, help="ImageFolder training images used (default 8192)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--amp", choices=["auto", "bf16", "off"], default=None, help="speed.amp (default: the config's)")
+    ap.add_argument("--channels-last", choices=["auto", "true", "false"], default=None, help="speed.channels_last")
+    ap.add_argument("--compile", action="store_true", help="speed.compile=true (torch.compile the training forward)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     load0 = os.getloadavg()[0]
+    a.overrides += ([f"speed.amp={a.amp}"] if a.amp else []) + (["speed.compile=true"] if a.compile else []) \
+        + ([f"speed.channels_last={a.channels_last}"] if a.channels_last else [])
     config = str(Path(a.preset or ROOT / "params.yaml").resolve())
     cfg = load_config(config, a.overrides)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="kdpipe-speed-")).resolve()
@@ -117,8 +125,10 @@ def main() -> int:
     x_all, y_all = data.load_split("train", device)
     tspec, sspec = make_spec(cfg.teacher.arch, meta), make_spec(cfg.student.arch, meta)
     cuda = device.type == "cuda"
-    fmt = torch.channels_last if cuda else torch.contiguous_format
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    accel.setup(cfg.speed, device)  # cuDNN autotuning
+    fmt = accel.memory_format(cfg.speed, device)
+    amp = lambda: accel.autocast(cfg.speed, device)  # noqa: E731
+    compiled = torch.compile if cfg.speed.compile else (lambda m: m)
 
     def model(spec):
         return build_model(spec).to(device, memory_format=fmt)
@@ -132,12 +142,14 @@ def main() -> int:
 
     def supervised_floor(spec, b):
         m, it = model(spec).train(), batches(b)
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        opt = accel.sgd(m.parameters(), 0.01, 0.9, 0.0, cfg.speed, device)  # fused on CUDA
+        fwd = compiled(m)
 
         def step():
             x, y = next(it)
             with amp():
-                loss = F.cross_entropy(m(x), y)
+                logits = fwd(x)
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -145,14 +157,15 @@ def main() -> int:
 
     def kd_floor(b):
         t, s, it = model(tspec).eval().requires_grad_(False), model(sspec).train(), batches(b)
-        opt = torch.optim.SGD(s.parameters(), lr=0.01, momentum=0.9)
+        opt = accel.sgd(s.parameters(), 0.01, 0.9, 0.0, cfg.speed, device)
+        tf, sf = compiled(t), compiled(s)
 
         def step():
             x, _ = next(it)
             with torch.no_grad(), amp():
-                tl = t(x)
+                tl = tf(x)
             with amp():
-                loss = kd_loss(s(x).float(), tl.float(), cfg.distill.temperature)
+                loss = kd_loss(sf(x).float(), tl.float(), cfg.distill.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -204,13 +217,18 @@ def main() -> int:
     git = lambda *c: subprocess.run(["git", *c], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
     commit = git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     name = Path(a.preset).stem if a.preset else cfg.data.name
+    precision = " + ".join(k for k, on in (("bf16 autocast", accel.amp_dtype(cfg.speed, device) is not None),
+                                           ("channels_last", fmt is torch.channels_last),
+                                           ("torch.compile", cfg.speed.compile)) if on) or "fp32"
     dev = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     out = {"preset": name, "config": Path(config).name, "overrides": a.overrides, "device": dev,
-           "precision": "bf16 autocast + channels_last (floors)" if cuda else "fp32", "torch": torch.__version__,
+           "precision": precision, "speed": cfg.speed.model_dump(mode="json"), "torch": torch.__version__,
            "commit": commit, "date": date.today().isoformat(), "seconds": a.seconds, "n_train": n_train,
            "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],  # start, end: others' load on the box
            "teacher": cfg.teacher.arch, "student": cfg.student.arch, "image_size": meta["image_size"], "rows": rows}
-    save_json(out, ROOT / "bench" / "results" / f"speed-{name}-{device.type}.json")
+    knobs = "".join(f"-{k}" for k, on in (("bf16", accel.amp_dtype(cfg.speed, device) is not None),
+                                            ("cl", fmt is torch.channels_last), ("compile", cfg.speed.compile)) if on)
+    save_json(out, ROOT / "bench" / "results" / f"speed-{name}-{device.type}{knobs}.json")
     print(f"\n{name} ({cfg.teacher.arch} → {cfg.student.arch}, {meta['image_size']} px): {dev}, {out['precision']}, "
           f"torch {out['torch']}, commit {commit}, {out['date']}, load average {load0:.1f} → {os.getloadavg()[0]:.1f}\n")
     print("| stage | stage images/s | floor | floor images/s | stage / floor |")

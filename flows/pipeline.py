@@ -31,7 +31,7 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 from kdpipe import paths  # noqa: E402
 from kdpipe.config import ConfigError, load_config  # noqa: E402
 from kdpipe.data import DataError  # noqa: E402
-from kdpipe.pipeline import dvc_available, dvc_repro, summary  # noqa: E402
+from kdpipe.pipeline import dvc_available, dvc_repro, routes, summary  # noqa: E402
 from kdpipe.stages import STAGES, run_stage  # noqa: E402
 from kdpipe.tracking import PREFECT_ENV, pipeline_run, tag_dvc_lock, tracking_uri  # noqa: E402
 
@@ -71,8 +71,8 @@ def _report(parent, uri: str) -> str:
     """The flow's result as markdown: accuracy table, ONNX parity, where the MLflow run is."""
     m = json.loads((paths.REPORTS / "metrics.json").read_text())
     e = json.loads((paths.EXPORT / "metrics.json").read_text())
-    rows = "".join(f"| {k} | {m[k]['accuracy']:.4f} |\n" for k in ("teacher", "student", "baseline") if k in m)
-    md = (f"# kdpipe run\n\nAccuracy on the real test split (n={m['n_test']}):\n\n| model | accuracy |\n|---|---|\n{rows}"
+    rows = "".join(f"| {model} | {route} | {acc:.4f} |\n" for model, route, acc in routes(m, e))  # routes side by side
+    md = (f"# kdpipe run\n\nAccuracy on the real test split (n={m['n_test']}):\n\n| model | route | accuracy |\n|---|---|---|\n{rows}"
           f"\nTeacher-student agreement {m['agreement']:.4f}. ONNX vs PyTorch: max abs diff {e['max_abs_diff']:.1e}, "
           f"top-1 agreement {e['top1_agreement']:.4f}.\n")
     if parent is not None:

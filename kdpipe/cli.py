@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,11 +31,32 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--timezone", default="UTC")
     common(sub.add_parser("audit-memorization", help="data owner: nearest real sample to each synthetic one "
                           "(pixels, teacher features) -> data/reports/memorization.json + .png"))
+    dg = common(sub.add_parser("dag", help="print dvc.yaml with the data deps the config needs (kdpipe/dag.py)"))
+    dg.add_argument("--write", action="store_true", help="write dvc.yaml instead of printing it")
     ln = sub.add_parser("lineage", help="the chain from a registered model (or a run) back to the data")
     ln.add_argument("ref", help="model name, name/version, name@alias, or a run id")
     ln.add_argument("--json", action="store_true", help="machine-readable output")
     ln.add_argument("--config", default="params.yaml", help="config giving tracking.uri (default: params.yaml)")
     return p
+
+
+def _stage(name: str, cfg) -> int:
+    """One stage. Under torchrun (WORLD_SIZE > 1) a data-parallel stage (kdpipe.dist.DDP_STAGES)
+    runs on every rank; any other stage runs on rank 0 alone while the other ranks exit."""
+    from kdpipe import dist
+    from kdpipe.stages import run_stage
+    from kdpipe.utils import pick_device
+
+    if dist.world_size() > 1 and name not in dist.DDP_STAGES:
+        if not dist.is_main():
+            print(f"[kdpipe] rank {dist.rank()}: '{name}' runs on rank 0 alone", flush=True)
+            return 0
+        run_stage(name, cfg)
+        return 0
+    dist.init(pick_device(cfg.device))
+    run_stage(name, cfg)
+    dist.close()  # only after success: on an error this rank exits and torchrun stops the others
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config) if Path(args.config).exists() else load_config(None)
             return lineage.main(args.ref, tracking_uri(cfg), args.json)
         cfg = load_config(args.config, args.overrides)
+        from kdpipe.stages import STAGES
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in STAGES:
+            raise ConfigError(f"'kdpipe {args.command}' does not run under torchrun; torchrun runs one stage: "
+                              f"torchrun --nproc_per_node N -m kdpipe train-teacher (README: Multi-GPU and speed)")
         if args.command == "serve":
             from flows.pipeline import serve
 
@@ -59,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             from kdpipe.audit import audit_memorization
 
             audit_memorization(cfg)
+        elif args.command == "dag":
+            from kdpipe import dag
+
+            dag.main(cfg, args.write)
         elif args.command == "run":
             from kdpipe.pipeline import dvc_available, run_pipeline
             from kdpipe.tracking import check_tracking
@@ -68,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
             if use_dvc and not plain:
                 raise ConfigError("--dvc runs with params.yaml as it is; for overrides use 'dvc exp run -S key=value' "
                                   "or 'kdpipe run --no-dvc --set ...'")
+            if use_dvc:
+                from kdpipe import dag
+
+                dag.check(cfg)  # dvc.yaml's data deps must be those params.yaml needs (distill.data, teachers)
             check_tracking(cfg)  # before the parent run opens (MLflow would retry for minutes)
             run_pipeline(cfg, use_dvc)
         else:
-            from kdpipe.stages import run_stage
-
-            run_stage(args.command, cfg)
+            return _stage(args.command, cfg)
     except (ConfigError, DataError) as e:
         print(f"kdpipe: error: {e}", file=sys.stderr)
         return 2

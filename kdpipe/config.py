@@ -129,7 +129,27 @@ class DistillCfg(_Section):
     ce_weight: float | None = Field(None, ge=0)  # γ on CE; None: 1 − α (Hinton)
     feature_weight: float = Field(0.0, ge=0)  # β on the hint loss (kdpipe/feature_kd.py); 0: off
     feature_loss: Literal["mse", "at"] = "mse"  # mse on adapted features (FitNets) | attention transfer
-    hints: list[tuple[str, str]] = []  # [teacher_module, student_module] pairs, by named_modules() name
+    hints: list[tuple[str, str]] = []  # [teacher_module, student_module] pairs, by named_modules() name (first teacher)
+    # routes (README "Objectives and routes"): what the student trains on; real|mixed make the stage not data-free
+    data: Literal["synthetic", "real", "mixed"] = "synthetic"  # data/synthetic | the real train split | both
+    real_fraction: float = Field(0.5, gt=0, lt=1)  # mixed: share of each batch drawn from the real train split
+    finetune_epochs: int = Field(0, ge=0)  # last phase on hard labels (real ones when data is real|mixed); 0: off
+    finetune_lr: float = Field(0.01, gt=0)
+
+    @model_validator(mode="after")
+    def _hints(self):
+        if self.feature_weight > 0 and not self.hints:
+            raise ValueError("distill.feature_weight > 0 needs distill.hints: [teacher_module, student_module] pairs")
+        return self
+
+
+class TeacherRefCfg(_Section):
+    """One member of the teacher ensemble (``teachers``, kdpipe/teachers.py)."""
+
+    checkpoint: str | None = None  # None: the trained stage data/teacher; a folder: a trained stage (model.pt +
+    #                                spec.json); a file: a state_dict / TorchScript archive for ``arch``
+    arch: str | None = None  # needed with a checkpoint file; None: the folder's own
+    weight: float = Field(1.0, gt=0)  # w_k in the average of the teachers' tempered probabilities
 
 
 class ExportCfg(_Section):
@@ -137,6 +157,20 @@ class ExportCfg(_Section):
     atol: float = Field(1e-4, gt=0)
     int8: bool = True  # also data/export/student.int8.onnx: static QDQ INT8, calibrated on synthetic samples only
     calibration_samples: int = Field(512, ge=1)  # synthetic samples drawn (seeded) for INT8 calibration
+
+
+class SpeedCfg(_Section):
+    """Speed knobs (kdpipe/accel.py) of the supervised stages. "auto" = on for CUDA, off on CPU, so a
+    CPU run is bit-identical with or without them; true/false forces a knob on any device."""
+
+    amp: Literal["auto", "bf16", "off"] = "auto"  # bf16 autocast (auto: CUDA only; bf16: any device)
+    channels_last: Literal["auto"] | bool = "auto"  # NHWC memory format for model and inputs
+    compile: bool = False  # torch.compile the training forward (first steps pay the compile)
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest conv kernels (not bit-reproducible)
+    fused: bool = True  # CUDA: fused SGD kernel (torch.optim.SGD(fused=True))
+    data_on_device: Literal["auto"] | bool = "auto"  # whole split on the GPU (auto: if under a quarter of its memory)
+    workers: int = Field(4, ge=0)  # DataLoader workers (pinned memory) when the split stays on the host
+    sync_bn: bool = True  # multi-process (torchrun): BatchNorm statistics over the global batch, as with 1 process
 
 
 class TrackingCfg(_Section):
@@ -168,13 +202,22 @@ class Config(_Section):
     data: DataCfg = DataCfg()
     teacher: TeacherCfg = TeacherCfg()
     student: StudentCfg = StudentCfg()
+    teachers: list[TeacherRefCfg] = []  # empty: the one teacher of data/teacher; else the ensemble, this list
     baseline: BaselineCfg = BaselineCfg()
     synthesize: SynthesizeCfg = SynthesizeCfg()
     distill: DistillCfg = DistillCfg()
     export: ExportCfg = ExportCfg()
+    speed: SpeedCfg = SpeedCfg()
     tracking: TrackingCfg = TrackingCfg()
     resume: ResumeCfg = ResumeCfg()
     audit: AuditCfg = AuditCfg()
+
+    @model_validator(mode="after")
+    def _private(self):
+        if self.data.private and self.distill.data != "synthetic":
+            raise ValueError(f"distill.data '{self.distill.data}' trains on the real data, but data.private is true: "
+                             "use distill.data=synthetic (data-free) or data.private=false")
+        return self
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of every parameter (the 'params hash')."""
@@ -188,6 +231,8 @@ def _fmt_error(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a section's validator: its message names the keys
+            lines.append(e["msg"].removeprefix("Value error, ") if key == "<root>" else f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"key '{key}': {e['msg']} (got {e.get('input')!r})")
     return "invalid parameters: " + "; ".join(lines)

@@ -9,7 +9,9 @@ The chain, each link read from MLflow (tags written by the stages, see kdpipe/tr
   hash) → teacher data digest (the teacher run's real-data input).
 Every step shows its run, git commit and dirty flag, params hash, Prefect flow run, dvc.lock hashes.
 Exit 1, naming the run, if a data-free stage (synthesize, distill) logged a real-data input, or if a
-link is missing.
+link is missing. A distill run on a real-data route (distill.data real|mixed: tags ``kdpipe.route``
+kd-real|kd-mixed and ``kdpipe.privacy`` real-data) may log the real train split: the chain shows its
+route instead; kd-real links straight to the teacher run (no synthetic set).
 """
 from __future__ import annotations
 
@@ -88,14 +90,18 @@ def lineage(client, ref: str) -> dict:
     while run is not None:
         step = _step(run)
         chain.append(step)
-        if step["stage"] in DATA_FREE:
+        tags = run.data.tags
+        step["route"] = tags.get("kdpipe.route") if step["stage"] == "distill" else None
+        real_route = step["stage"] == "distill" and tags.get("kdpipe.privacy") == "real-data" \
+            and step["route"] in ("kd-real", "kd-mixed")
+        if step["stage"] in DATA_FREE and not real_route:
             real = [i for i in step["inputs"] if i.get("data_kind") != "synthetic"]
             if real:
                 problems.append(f"data-free stage '{step['stage']}' (run {run.info.run_id}) logged a non-synthetic "
                                 f"data input: {', '.join(i['name'] + ' ' + str(i.get('data_kind')) for i in real)}")
         if step["stage"] not in UPSTREAM:
             break
-        tag, producer = UPSTREAM[step["stage"]]
+        tag, producer = UPSTREAM[step["stage"]] if step["route"] != "kd-real" else ("teacher.sha256", "train-teacher")
         value = run.data.tags.get(tag)
         nxt = _find(client, exps, producer, tag, value) if value else None
         if nxt is None:
@@ -120,14 +126,19 @@ def format_text(res: dict) -> str:
         commit = (s["git_commit"] or "?")[:12] + (" (dirty)" if s["git_dirty"] == "True" else "")
         out.append(f"  {s['stage']:<10} run {s['run_id']}  {s['start']}  commit {commit}  "
                    f"params {str(s['params_sha256'])[:12]}" + (f"  prefect {s['prefect_flow_run_id']}"
-                                                               if s["prefect_flow_run_id"] else ""))
+                                                               if s["prefect_flow_run_id"] else "")
+                   + (f"  route {s['route']}" if s.get("route") else ""))
         for k, v in s["hashes"].items():
             out.append(f"             {k} = {v}")
         for i in s["inputs"]:
             out.append(f"             input [{i.get('data_kind')}] {i['name']} digest {i['digest']} ({i.get('context')})")
         if s["params"]:
             out.append("             " + " ".join(f"{k}={v}" for k, v in s["params"].items()))
-    if res["ok"]:
+    route = next((s["route"] for s in res["chain"] if s.get("route")), None)
+    if res["ok"] and route in ("kd-real", "kd-mixed"):
+        out.append(f"  route {route}: distill trained on the real train split (kdpipe.privacy=real-data); "
+                   "synthesize logged synthetic inputs only")
+    elif res["ok"]:
         out.append("  data-free check: OK (synthesize and distill logged synthetic inputs only)")
     out += [f"  PROBLEM: {p}" for p in res["problems"]]
     return "\n".join(out)

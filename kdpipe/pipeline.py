@@ -32,14 +32,28 @@ def dvc_repro(stage: str | None = None, single: bool = False) -> None:
         raise StageFailed(f"'dvc {' '.join(cmd[1:])}' failed with exit code {r.returncode}")
 
 
+ROUTE_LABEL = {"data-free": "data-free", "kd-real": "KD real", "kd-mixed": "KD mixed"}
+
+
+def routes(m: dict, e: dict) -> list[tuple[str, str, float]]:
+    """The routes side by side, (model, route, test accuracy): the teacher, the student under its
+    distill route, the same + INT8 (export's figures), the baseline (scratch, real data); those that exist."""
+    route = ROUTE_LABEL[m["student"].get("route", "data-free")]
+    rows = [("teacher", "", m["teacher"]["accuracy"]), ("student", route, m["student"]["accuracy"])]
+    if "int8_accuracy" in e:
+        rows.append(("student", f"{route} + INT8", e["int8_accuracy"]))
+    if "baseline" in m:
+        rows.append(("baseline", "scratch, real data", m["baseline"]["accuracy"]))
+    return rows
+
+
 def summary() -> str:
     m = json.loads((paths.REPORTS / "metrics.json").read_text())
     e = json.loads((paths.EXPORT / "metrics.json").read_text())
-    names = {"teacher": "teacher", "student": "student (data-free)", "baseline": "baseline (real data)"}
     return "\n".join([
         f"kdpipe summary: accuracy on the real test split (n={m['n_test']})",
-        *[f"  {names[k]:<24} {m[k]['accuracy']:.4f}" for k in names if k in m],
-        f"  {'teacher-student agree':<24} {m['agreement']:.4f}",
+        *[f"  {model + (f' ({route})' if route else ''):<28} {acc:.4f}" for model, route, acc in routes(m, e)],
+        f"  {'teacher-student agree':<28} {m['agreement']:.4f}",
         f"  onnx {paths.EXPORT / 'student.onnx'}: max|diff| {e['max_abs_diff']:.1e}, top-1 agreement {e['top1_agreement']:.4f}",
     ])
 

@@ -150,7 +150,9 @@ def tag_dvc_lock(parent_run_id: str, lock: str | Path = "dvc.lock") -> None:
 
 @contextmanager
 def stage_run(cfg: Config, stage: str):
-    if not cfg.tracking.enabled:
+    from kdpipe import dist
+
+    if not cfg.tracking.enabled or not dist.is_main():  # under torchrun rank 0 alone logs
         yield Tracker()
         return
     mlflow = _setup(cfg)

@@ -6,16 +6,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdpipe.config import TrainCfg
+from kdpipe import accel, dist
+from kdpipe.config import SpeedCfg, TrainCfg
 
 
-def random_shift(x: torch.Tensor, max_frac: float = 0.125, generator=None) -> torch.Tensor:
-    """Per-sample random translation by up to ``max_frac`` of the side (zero fill): the
-    pad-and-crop augmentation, batched on the device."""
-    n = x.shape[0]
-    t = (torch.rand(n, 2, generator=generator) * 2 - 1).to(x.device) * (2 * max_frac)
-    h = x.shape[-1]
-    t = torch.round(t * h / 2) * 2 / h  # whole pixels
+def random_translations(n: int, max_frac: float = 0.125, generator=None) -> torch.Tensor:
+    """n×2 translations (affine_grid units, whole pixels drawn later) uniform in ±2·max_frac, on the CPU
+    generator. One draw of n rows equals n/b successive draws of b rows (same stream), so an epoch's
+    translations can be drawn at once."""
+    return (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 * max_frac)
+
+
+def shift_by(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Translate each image of ``x`` by its row of ``t`` (rounded to whole pixels, zero fill)."""
+    n, h = x.shape[0], x.shape[-1]
+    t = torch.round(t.to(x.device) * h / 2) * 2 / h  # whole pixels
     theta = torch.zeros(n, 2, 3, device=x.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     theta[:, :, 2] = t
@@ -23,14 +28,22 @@ def random_shift(x: torch.Tensor, max_frac: float = 0.125, generator=None) -> to
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+def random_shift(x: torch.Tensor, max_frac: float = 0.125, generator=None) -> torch.Tensor:
+    """Per-sample random translation by up to ``max_frac`` of the side (zero fill): the
+    pad-and-crop augmentation, batched on the device."""
+    return shift_by(x, random_translations(x.shape[0], max_frac, generator))
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of ``x`` in batches (fp32), on the model's device (``x`` may stay on the host)."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    dev = next(model.parameters()).device
+    return torch.cat([model(x[i : i + batch_size].to(dev, non_blocking=True)) for i in range(0, len(x), batch_size)])
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return (logits.argmax(1) == y).float().mean().item()
+    return (logits.argmax(1) == y.to(logits.device)).float().mean().item()
 
 
 def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -46,6 +59,15 @@ def check_finite(stage: str, step: int, **terms) -> None:
                                  + ", ".join(f"{k}={v}" for k, v in bad.items()) + "; no output written")
 
 
+def check_finite_steps(stage: str, first_step: int, **terms: torch.Tensor) -> None:
+    """``check_finite`` for many steps at once (one host sync): each term is a 1-D tensor of
+    per-step values; stop at the first step where any is non-finite, naming it like check_finite."""
+    ok = torch.stack([torch.isfinite(v) for v in terms.values()]).all(0)
+    if not bool(ok.all()):
+        j = int((~ok).nonzero()[0])
+        check_finite(stage, first_step + j, **{k: v[j] for k, v in terms.items()})
+
+
 def check_weights(stage: str, model: nn.Module) -> None:
     """Stop the stage if a parameter or buffer holds NaN/inf (before its outputs are written)."""
     for name, t in model.state_dict().items():
@@ -54,38 +76,52 @@ def check_weights(stage: str, model: nn.Module) -> None:
 
 
 def fit_supervised(model: nn.Module, x, y, xv, yv, cfg: TrainCfg, tracker, desc: str, generator=None,
-                   resume=None) -> dict:
+                   resume=None, speed: SpeedCfg | None = None) -> dict:
     """SGD + one-cycle schedule over ``cfg.epochs`` with random-shift augmentation; logs per epoch.
-    ``resume`` (kdpipe.resume.Resume): continue from its checkpoint, save one every resume.every epochs."""
-    opt = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    steps_per_epoch = (len(x) + cfg.batch_size - 1) // cfg.batch_size
+    ``resume`` (kdpipe.resume.Resume): continue from its checkpoint, save one every resume.every epochs.
+    ``speed``: the knobs of kdpipe/accel.py. Under torchrun each rank trains on its shard of every
+    global batch of ``cfg.batch_size`` (kdpipe/dist.py); only rank 0 saves resume checkpoints.
+    No host sync inside an epoch: step losses stay on the device and are checked for NaN/inf once per
+    epoch (the message names the first bad step, as a per-step check would)."""
+    speed = speed or SpeedCfg()
+    device = next(model.parameters()).device
+    net = accel.train_module(model, speed, device)
+    opt = accel.sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, speed, device)
+    batches = accel.global_batches(len(x), cfg.batch_size)
+    steps_per_epoch = len(batches)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
     state = resume.load(tracker, generator) if resume else None
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+    sizes = torch.tensor([float(b.stop - b.start) for b in batches], device=device)
     bar = tqdm(range(state["done"] if state else 0, cfg.epochs), desc=desc, leave=False, disable=None)
     for epoch in bar:
-        model.train()
-        perm = torch.randperm(len(x), generator=generator).to(x.device)
-        total = torch.zeros((), device=x.device)
-        for i in range(0, len(x), cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            logits = model(random_shift(x[idx], generator=generator))
-            loss = F.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing)
-            check_finite(desc, epoch * steps_per_epoch + i // cfg.batch_size, cross_entropy=loss)
+        net.train()
+        perm = torch.randperm(len(x), generator=generator)
+        shifts = random_translations(len(x), generator=generator).to(device)  # = one draw per step, in order
+        sums = torch.zeros(steps_per_epoch, device=device)  # Σ loss over each step's samples (this rank's)
+        data = accel.epoch_batches(x, y, perm, cfg.batch_size, device, speed.workers)
+        for j, (b, (xb, yb)) in enumerate(zip(batches, data)):
+            xb = shift_by(xb, shifts[b][dist.shard(b.stop - b.start)])
+            with accel.autocast(speed, device):
+                logits = net(accel.inputs(xb, speed, device))
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * dist.scale(len(yb), b.stop - b.start) if dist.active() else loss).backward()
             opt.step()
             sched.step()
-            total += loss.detach() * len(idx)
+            sums[j] = loss.detach() * len(yb)
+        dist.all_reduce_sum(sums)  # the global batches' sums
+        check_finite_steps(desc, epoch * steps_per_epoch, cross_entropy=sums / sizes)
         val_acc = accuracy(predict(model, xv), yv)
-        m = {"train_loss": (total / len(x)).item(), "val_acc": val_acc, "lr": sched.get_last_lr()[0]}
+        m = {"train_loss": (sums.sum() / len(x)).item(), "val_acc": val_acc, "lr": sched.get_last_lr()[0]}
         tracker.log_metrics(m, step=epoch)
         bar.set_postfix(loss=f"{m['train_loss']:.3f}", val=f"{val_acc:.3f}")
-        if resume:
+        if resume and dist.is_main():
             resume.save(epoch + 1, cfg.epochs, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                                 "scheduler": sched.state_dict()}, generator)
+    dist.unwrap(model)
     check_weights(desc, model)
     return {"val_acc": val_acc, "train_loss": m["train_loss"], "epochs": cfg.epochs}

@@ -9,8 +9,25 @@ import time
 from kdpipe.config import Config
 
 STAGES = ["prepare", "train-teacher", "baseline", "synthesize", "distill", "evaluate", "export"]
-# stages that must never read the real data
+# stages that must never read the real data (distill only on its default route, distill.data: synthetic)
 DATA_FREE = {"synthesize", "distill"}
+
+
+def data_free_stage(name: str, cfg: Config) -> bool:
+    """Whether this stage run is data-free: synthesize always, distill unless distill.data is real|mixed."""
+    return name in DATA_FREE and not (name == "distill" and cfg.distill.data != "synthetic")
+
+
+def _check_dvc_deps(name: str, cfg: Config) -> None:
+    """Under dvc repro / dvc exp run: the stage's data deps in dvc.yaml must be those the config
+    needs (kdpipe/dag.py), e.g. data/prepared for distill.data real|mixed (ConfigError otherwise)."""
+    from pathlib import Path
+
+    from kdpipe import dag
+    from kdpipe.tracking import _dvc_invocation
+
+    if name in dag.RENDERED and Path("dvc.yaml").exists() and _dvc_invocation() is not None:
+        dag.check(cfg)
 
 
 def run_stage(name: str, cfg: Config) -> dict:
@@ -21,11 +38,13 @@ def run_stage(name: str, cfg: Config) -> dict:
         raise ValueError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}")
     module = importlib.import_module(f"kdpipe.stages.{name.replace('-', '_')}")
     check_tracking(cfg)  # an unreachable tracking server fails here, before any work (exit 2)
-    guard = data_free(name, cfg.data.private) if name in DATA_FREE else contextlib.nullcontext()
+    _check_dvc_deps(name, cfg)
+    free = data_free_stage(name, cfg)
+    guard = data_free(name, cfg.data.private) if free else contextlib.nullcontext()
     t0 = time.perf_counter()
     with stage_run(cfg, name) as tracker, guard:
-        if name in DATA_FREE:  # the guarantee, recorded: this run could not read the real data
-            tracker.set_tags({"kdpipe.privacy": "data-free", "data.private": cfg.data.private})
+        if name in DATA_FREE:  # the guarantee, recorded: this run could not read the real data (or, distill: it did)
+            tracker.set_tags({"kdpipe.privacy": "data-free" if free else "real-data", "data.private": cfg.data.private})
         summary = module.run(cfg, tracker)
         wall = time.perf_counter() - t0
         tracker.log_metrics({"stage_wall_s": wall})

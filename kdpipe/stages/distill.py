@@ -1,111 +1,174 @@
-"""Stage distill: train the student on data/synthetic/ only (never the real data).
+"""Stage distill: train the student from the teacher(s) -> data/student/.
 
-loss = Σ_i w_i·φ_i·[α·T²·KL(softmax(t_i/T) ‖ softmax(s_i/T)) + (1−α)·CE(s_i, argmax t_i)] / B
-with w_i the prioritized-replay importance weights and φ_i SSD-KD's modulating function (both 1
-when switched off). With ``augment`` the synthetic images are randomly shifted and the frozen
-teacher re-labels them; otherwise the stored teacher logits are used as they are.
+Per batch (kdpipe.feature_kd.combined_loss):
+    L = Σ_i w_i·φ_i·[α·T²·KL(p_i ‖ softmax(s_i/T)) + γ·CE(s_i, y_i)] / B  +  β·L_hint
+  p_i: the teacher's softmax(t_i/T), or the ensemble's weighted mean of tempered probabilities
+       (``teachers``, kdpipe/teachers.py); y_i: the real label where the sample has one, else the
+       teacher's argmax; T, α: ``distill.temperature_schedule`` / ``alpha_schedule`` per step
+       (kdpipe/schedules.py); γ = ``ce_weight`` (unset: 1 − α); β = ``feature_weight``, L_hint the
+       hint loss of ``distill.hints`` through learned adapters (kdpipe/feature_kd.py);
+  w_i: prioritized-replay importance weights, φ_i SSD-KD's modulating function (1 when off).
+Data (``distill.data``, kdpipe/routes.py): the synthetic set (default: data-free, never the real
+data), the real train split, or mixed batches. With ``augment`` the images are randomly shifted
+and the frozen teacher(s) label them again; so they do, on each batch, when hints are used.
+Then ``finetune_epochs`` on hard labels alone (CE; real labels when the route uses real data,
+else the teacher's argmax on the synthetic set), SGD at ``finetune_lr`` with cosine decay.
+The default parameters give bit for bit the student of the plain Hinton-KD stage.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from kdpipe import paths
 from kdpipe.config import Config
-from kdpipe.data import DataError
-from kdpipe.losses import distill_loss, kd_per_sample
+from kdpipe.feature_kd import FeatureKD, combined_loss
+from kdpipe.losses import kd_per_sample
 from kdpipe.models import build_model
-from kdpipe.stages.synthesize import load_teacher
-from kdpipe.synth.phi import phi_weights
-from kdpipe.synth.replay import anneal_beta, prioritized_sample
 from kdpipe.resume import Resume
+from kdpipe.routes import Batches, batch_sizes, real_pool, synthetic_pool
+from kdpipe.schedules import value
+from kdpipe.synth.phi import phi_weights
+from kdpipe.synth.replay import anneal_beta
+from kdpipe.teachers import Ensemble, first_member, guide_logits, hard_labels, load_teachers, target_logits, teacher_logits
 from kdpipe.train import check_finite, check_weights, random_shift, sgd
-from kdpipe.utils import sha256_file, sha256_tensors
-from kdpipe.utils import atomic_path, load_json, load_torch, pick_device, save_json, save_torch, seed_everything
+from kdpipe.utils import atomic_path, pick_device, save_json, save_torch, seed_everything, sha256_file
+
+ROUTE = {"synthetic": "data-free", "real": "kd-real", "mixed": "kd-mixed"}  # the kdpipe.route tag
+
+
+def log_route(cfg: Config, tracker, pools, meta, digests) -> None:
+    """Params, the route's tags and its data inputs (the real train split only on real|mixed)."""
+    d = cfg.distill
+    tracker.log_params({"distill": d.model_dump(mode="json"), "student.arch": cfg.student.arch,
+                        **({"synthetic.sha256": meta["sha256"], "synthetic.n": meta["n"]} if meta else {}),
+                        **({"teachers": [t.model_dump(mode="json") for t in cfg.teachers]} if cfg.teachers else {}),
+                        **{f"{p.kind}.n_per_batch": p.batch for p in pools if d.data == "mixed"}})
+    tracker.set_tags({**({"synthetic.sha256": meta["sha256"]} if meta else {}), "kdpipe.route": ROUTE[d.data],
+                      "teacher.sha256": sha256_file(paths.TEACHER / "model.pt"),
+                      **({"teachers.sha256": ",".join(digests)} if cfg.teachers else {})})
+    for p in pools:
+        tracker.log_data_input(*(("synthetic", paths.SYNTHETIC) if p.kind == "synthetic" else ("real-train", paths.PREPARED)),
+                               p.kind)
+
+
+def write_outputs(student, spec, history, agree_key, tracker) -> None:
+    check_weights("distill", student)
+    save_torch(student.state_dict(), paths.STUDENT / "model.pt")
+    save_json(spec, paths.STUDENT / "spec.json")
+    tracker.set_tags({"student.sha256": sha256_file(paths.STUDENT / "model.pt")})
+    with atomic_path(paths.STUDENT / "history.csv") as tmp:
+        tmp.write_text(f"epoch,phase,loss,{agree_key},temperature,alpha\n" + "".join(
+            f"{h['epoch']},{h['phase']},{h['loss']:.6f},{h[agree_key]:.6f},{h['temperature']:.6f},{h['alpha']:.6f}\n"
+            for h in history))
 
 
 def run(cfg: Config, tracker) -> dict:
     d, s = cfg.distill, cfg.synthesize
     g = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    meta = load_json(paths.SYNTHETIC / "meta.json")
-    syn = load_torch(paths.SYNTHETIC / "samples.pt")
-    if sha256_tensors(syn["x"], syn["logits"]) != meta["sha256"]:  # e.g. a synthesize run killed between its writes
-        raise DataError(f"'{paths.SYNTHETIC / 'samples.pt'}' does not match the sha256 in "
-                        f"'{paths.SYNTHETIC / 'meta.json'}': re-run the synthesize stage")
-    x = syn["x"].to(device).float() / 255.0
-    t_stored = syn["logits"].to(device)
-    n = len(x)
-    teacher = load_teacher(device)[0] if d.augment else None
-    spec = {**meta["spec"], "arch": cfg.student.arch}
+    with torch.random.fork_rng(devices=[]):  # building the teacher(s) draws no numbers from the student's stream
+        teacher, tspec, digests = load_teachers(cfg, device)
+    tw = teacher.weights if isinstance(teacher, Ensemble) else None  # w_k of the ensemble
+    n_syn, n_real = batch_sizes(d.data, d.batch_size, d.real_fraction)
+    pools, meta = [], None
+    if n_syn:
+        pool, meta = synthetic_pool(teacher, bool(cfg.teachers), n_syn, device)
+        pools.append(pool)
+    if n_real:
+        pools.append(real_pool(teacher, n_real, device))
+    spec = {**{k: v for k, v in tspec.items() if k != "arch"}, "arch": cfg.student.arch, "route": ROUTE[d.data]}
     student = build_model(spec).to(device)
-    tracker.log_params({"distill": d.model_dump(mode="json"), "student.arch": cfg.student.arch,
-                        "synthetic.sha256": meta["sha256"], "synthetic.n": n})
-    tracker.set_tags({"synthetic.sha256": meta["sha256"], "teacher.sha256": sha256_file(paths.TEACHER / "model.pt")})
-    tracker.log_data_input("synthetic", paths.SYNTHETIC, "synthetic")  # the only data this stage reads
-    opt = sgd(student, d.lr, d.momentum, d.weight_decay)
-    steps_per_epoch = (n + d.batch_size - 1) // d.batch_size
-    total = d.epochs * steps_per_epoch
+    log_route(cfg, tracker, pools, meta, digests)
+    hints = FeatureKD(first_member(teacher), student, d.hints, d.feature_loss,
+                      example=pools[0].x[: d.batch_size]) if d.feature_weight > 0 else None
+    live = d.augment or hints is not None  # the teacher runs on each batch
+    adapters0 = [p.detach().clone() for p in hints.parameters()] if hints else []
+    opt = sgd(nn.ModuleList([student, hints]) if hints else student, d.lr, d.momentum, d.weight_decay)
+    batches = Batches(pools, d.priority, s.alpha)
+    total = d.epochs * batches.steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=d.lr, total_steps=total, pct_start=0.15)
-    priority = torch.ones(n, device=device)
-    class_freq = torch.softmax(t_stored, 1).mean(0)
+    # fine-tune phase: hard labels on the real pool when there is one, else on the synthetic set
+    ft_batches = Batches([dataclasses.replace(pools[-1], batch=d.batch_size)])
+    ft_opt = sgd(student, d.finetune_lr, d.momentum, d.weight_decay)
+    ft_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ft_opt, max(d.finetune_epochs * ft_batches.steps, 1))
+    class_freq = torch.softmax(guide_logits(pools[0].t, tw), 1).mean(0)
+    agree_key, agree_labels = f"{pools[0].kind}_agreement", hard_labels(None, pools[0].t, tw)
     history, step = [], 0
-    resume = Resume(cfg, "distill", [paths.SYNTHETIC, paths.TEACHER, __file__])
+    inputs = [paths.SYNTHETIC] * bool(n_syn) + [paths.PREPARED] * bool(n_real) + [paths.TEACHER]
+    resume = Resume(cfg, "distill", [*inputs, *[t.checkpoint for t in cfg.teachers if t.checkpoint], __file__])
     state = resume.load(tracker, g)
     if state:
-        student.load_state_dict(state["student"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        priority.copy_(state["priority"])
+        for obj, k in ((student, "student"), (opt, "optimizer"), (sched, "scheduler"), (ft_opt, "ft_optimizer"),
+                       (ft_sched, "ft_scheduler"), *([(hints, "hints")] if hints else [])):
+            obj.load_state_dict(state[k])
+        for p, pr in zip(pools, state["priority"]):
+            p.priority.copy_(pr)
         history, step = state["history"], state["step"]
-    bar = tqdm(range(state["done"] if state else 0, d.epochs), desc="distill", leave=False, disable=None)
+    epochs = d.epochs + d.finetune_epochs
+    bar = tqdm(range(state["done"] if state else 0, epochs), desc="distill", leave=False, disable=None)
     for epoch in bar:
+        finetune = epoch >= d.epochs
+        data, o, sc = (ft_batches, ft_opt, ft_sched) if finetune else (batches, opt, sched)
         student.train()
-        perm = torch.randperm(n, generator=g).to(device)
-        run_loss = torch.zeros((), device=device)
-        for i in range(steps_per_epoch):
-            if d.priority:
-                idx, iw = prioritized_sample(priority, d.batch_size, s.alpha, anneal_beta(s.beta0, step, total), g)
-            else:
-                idx, iw = perm[i * d.batch_size : (i + 1) * d.batch_size], 1.0
-            xb = x[idx]
-            if teacher is not None:
-                xb = random_shift(xb, generator=g)
+        data.new_epoch(g)
+        run_loss, feat_loss = torch.zeros((), device=device), torch.zeros((), device=device)
+        for i in range(data.steps):
+            b = data.get(i, anneal_beta(s.beta0, step, total), g)
+            xb, tb = b.x, b.t
+            if live:
+                if d.augment:
+                    xb = random_shift(xb, generator=g)
                 with torch.no_grad():
-                    tb = teacher(xb)
-            else:
-                tb = t_stored[idx]
+                    tb = teacher_logits(teacher, xb)  # K×B×C (and the hint modules' outputs)
+            T = value(d.temperature_schedule, step, total, d.temperature)
+            alpha = value(d.alpha_schedule, step, total, d.alpha)
             sl = student(xb)
-            w = iw * (phi_weights(tb, s.phi_gamma, s.phi_clip, class_freq) if d.phi else 1.0)
-            loss = distill_loss(sl, tb, d.temperature, d.alpha, w)
-            if not torch.isfinite(loss):  # name the terms: KD (weight α) and CE on the teacher's argmax (1 − α)
-                check_finite(f"distill (epoch {epoch})", step, total=loss, kd=kd_per_sample(sl, tb, d.temperature).mean(),
-                             ce=F.cross_entropy(sl, tb.argmax(1)))
-            opt.zero_grad(set_to_none=True)
+            z = target_logits(tb, T, tw)  # softmax(z/T) = the soft target p
+            labels = hard_labels(b.y, tb, tw) if b.y is not None or len(tb) > 1 else None  # None: argmax of z
+            if finetune:  # hard labels only
+                loss = F.cross_entropy(sl, hard_labels(b.y, tb, tw))
+            else:
+                w = b.iw * (phi_weights(guide_logits(tb, tw), s.phi_gamma, s.phi_clip, class_freq) if d.phi else 1.0)
+                feat = hints() if hints else None
+                loss = combined_loss(sl, z, T, alpha, d.ce_weight, labels, w, feat, d.feature_weight)
+                if feat is not None:
+                    feat_loss += feat.detach()
+            if not torch.isfinite(loss):  # name the terms: KD (weight α), CE (γ), hints (β)
+                check_finite(f"distill (epoch {epoch})", step, total=loss, kd=kd_per_sample(sl, z, T).mean(),
+                             ce=F.cross_entropy(sl, z.argmax(1) if labels is None else labels),
+                             **({"feature": feat} if hints and not finetune else {}))
+            o.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
-            if d.priority:
-                priority[idx] = kd_per_sample(sl.detach(), tb, d.temperature) + 1e-3
+            o.step()
+            sc.step()
+            if d.priority and not finetune:
+                batches.update_priority(b, kd_per_sample(sl.detach(), z, T))
             run_loss += loss.detach()
             step += 1
         with torch.no_grad():
             student.eval()
-            agree = (student(x).argmax(1) == t_stored.argmax(1)).float().mean().item()
-        m = {"loss": (run_loss / steps_per_epoch).item(), "synthetic_agreement": agree, "lr": sched.get_last_lr()[0]}
-        history.append({"epoch": epoch, **m})
+            agree = (student(pools[0].x).argmax(1) == agree_labels).float().mean().item()
+        m = {"loss": (run_loss / data.steps).item(), agree_key: agree, "lr": sc.get_last_lr()[0],
+             "temperature": T, "alpha": alpha, **({"feature_loss": (feat_loss / data.steps).item()} if hints else {})}
+        history.append({"epoch": epoch, "phase": "finetune" if finetune else "kd", **m})
         tracker.log_metrics(m, step=epoch)
         bar.set_postfix(loss=f"{m['loss']:.3f}", agree=f"{agree:.3f}")
-        resume.save(epoch + 1, d.epochs, {"student": student.state_dict(), "optimizer": opt.state_dict(),
-                                          "scheduler": sched.state_dict(), "priority": priority, "history": history,
-                                          "step": step}, g)
-    check_weights("distill", student)
-    save_torch(student.state_dict(), paths.STUDENT / "model.pt")
-    save_json(spec, paths.STUDENT / "spec.json")
-    tracker.set_tags({"student.sha256": sha256_file(paths.STUDENT / "model.pt")})
-    with atomic_path(paths.STUDENT / "history.csv") as tmp:
-        tmp.write_text("epoch,loss,synthetic_agreement\n" + "".join(
-            f"{h['epoch']},{h['loss']:.6f},{h['synthetic_agreement']:.6f}\n" for h in history))
+        resume.save(epoch + 1, epochs, {"student": student.state_dict(), "optimizer": opt.state_dict(),
+                                        "scheduler": sched.state_dict(), "ft_optimizer": ft_opt.state_dict(),
+                                        "ft_scheduler": ft_sched.state_dict(), "priority": [p.priority for p in pools],
+                                        **({"hints": hints.state_dict()} if hints else {}),
+                                        "history": history, "step": step}, g)
+    if hints:  # how far the adapters moved: ‖θ − θ₀‖ over all adapter parameters
+        hints.remove()
+        tracker.log_metrics({"adapter_delta": float(sum((p.detach() - p0).pow(2).sum() for p, p0 in
+                                                        zip(hints.parameters(), adapters0)) ** 0.5)})
+    write_outputs(student, spec, history, agree_key, tracker)
     resume.finish()
-    return {"loss": round(history[-1]["loss"], 4), "synthetic_agreement": round(history[-1]["synthetic_agreement"], 4)}
+    return {"loss": round(history[-1]["loss"], 4), agree_key: round(history[-1][agree_key], 4),
+            **({"route": ROUTE[d.data]} if d.data != "synthetic" else {}),
+            **({"finetune_epochs": d.finetune_epochs} if d.finetune_epochs else {})}

@@ -1,6 +1,8 @@
 """Stage evaluate: teacher, data-free student and (when it exists) the from-scratch baseline on the
 real test split -> data/reports/metrics.json (DVC metrics), confusion matrices (PNG + CSV for DVC
-plots) and per-class accuracy."""
+plots) and per-class accuracy. ``routes`` in metrics.json puts the routes that exist side by side:
+scratch (the baseline) and the student under its distill route (data-free, kd-real, kd-mixed: from
+data/student/spec.json); export adds data-free + INT8 in its own metrics.json (kdpipe.pipeline.routes)."""
 from __future__ import annotations
 
 import torch
@@ -55,8 +57,9 @@ def run(cfg: Config, tracker) -> dict:
     C = len(classes)
     models = {"teacher": paths.TEACHER, "student": paths.STUDENT, "baseline": paths.BASELINE}
     preds, metrics = {}, {"n_test": len(y)}
+    specs = {}
     for name, folder in models.items():
-        model, _ = load_model(folder, device)
+        model, specs[name] = load_model(folder, device)
         if model is None:
             continue
         p = predict(model, x).argmax(1)
@@ -68,6 +71,11 @@ def run(cfg: Config, tracker) -> dict:
         plot_confusion(cm, classes, f"{name}: acc {metrics[name]['accuracy']:.4f}", paths.REPORTS / "figures" / f"confusion_{name}.png")
         tracker.log_artifact(paths.REPORTS / "figures" / f"confusion_{name}.png")
         tracker.log_metrics({f"{name}_accuracy": metrics[name]["accuracy"]})
+    route = specs["student"].get("route", "data-free")
+    metrics["student"]["route"] = route
+    metrics["routes"] = {**({"scratch": metrics["baseline"]["accuracy"]} if "baseline" in metrics else {}),
+                         route: metrics["student"]["accuracy"]}
+    tracker.set_tags({"kdpipe.route": route})
     metrics["agreement"] = (preds["student"] == preds["teacher"]).float().mean().item()
     metrics["student_over_teacher"] = metrics["student"]["accuracy"] / max(metrics["teacher"]["accuracy"], 1e-9)
     tracker.log_metrics({"agreement": metrics["agreement"], "student_over_teacher": metrics["student_over_teacher"]})

@@ -1,6 +1,10 @@
 """Stage synthesize (data-free): a generator trained against the frozen teacher fills a small
 synthetic set. Reads data/teacher/ only — never the real data — and writes data/synthetic/.
 
+With ``teachers`` (an ensemble) the guide is the ensemble's log mean probability (kdpipe/teachers.py):
+CE, adversarial term and the stored logits read the weighted average of the teachers' probabilities,
+and the BN prior sums over every member's BatchNorm layers.
+
 Each round (Fast-Datafree's rhythm, with SSD-KD's balancing and replay):
   1. g_steps generator steps on fresh latent codes, warm-started from the last round:
        L_G = Σ_i [φ_i·(w_adv·ℓ_adv + w_act·ℓ_act) + φ_i^{phi_ce}·w_ce·ℓ_ce]/N + w_bn·L_BN + w_ie·L_ie
@@ -28,6 +32,7 @@ from kdpipe.synth.generator import Generator
 from kdpipe.synth.losses import act_term, adv_term, ce_term, ie_term
 from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import ReplayBuffer, anneal_beta
+from kdpipe.teachers import load_teachers
 from kdpipe.resume import Resume
 from kdpipe.train import check_finite, check_weights, sgd
 from kdpipe.utils import atomic_path, dvc_md5, sha256_file
@@ -73,7 +78,7 @@ def run(cfg: Config, tracker) -> dict:
     s = cfg.synthesize
     g = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    teacher, tspec = load_teacher(device)
+    teacher, tspec, teacher_digests = load_teachers(cfg, device)  # one teacher, or the ensemble as the guide
     C, ch, size = tspec["num_classes"], tspec["in_channels"], tspec["image_size"]
     student = build_model({**tspec, "arch": cfg.student.arch}).to(device)
     gen = Generator(s.nz, size, ch, s.ngf).to(device)
@@ -86,10 +91,14 @@ def run(cfg: Config, tracker) -> dict:
     buf = ReplayBuffer(s.capacity, (ch, size, size), C, device, s.eviction)
     tracker.log_params({"synthesize": s.model_dump(mode="json"), "student.arch": cfg.student.arch,
                         "teacher.arch": tspec["arch"]})
+    if cfg.teachers:
+        tracker.log_params({"teachers": [t.model_dump(mode="json") for t in cfg.teachers]})
+        tracker.set_tags({"teachers.sha256": ",".join(teacher_digests)})
     kd_total, kd_step = s.rounds * s.kd_steps, 0
     t0, t_gen = time.perf_counter(), 0.0
     code = [__file__, *sorted(Path(__file__).parents[1].joinpath("synth").glob("*.py"))]
-    resume = Resume(cfg, "synthesize", [paths.TEACHER, *code], unit="round")
+    members = [t.checkpoint for t in cfg.teachers if t.checkpoint]
+    resume = Resume(cfg, "synthesize", [paths.TEACHER, *members, *code], unit="round")
     state = resume.load(tracker, g)
     if state:  # everything that carries over from one round to the next
         for obj, k in ((gen, "gen"), (opt_g, "opt_g"), (student, "student"), (opt_s, "opt_s"), (buf, "buffer")):

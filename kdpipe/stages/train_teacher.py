@@ -4,7 +4,7 @@ weights_only=True) nothing is trained: the checkpoint is checked against the arc
 on the validation split, and written to data/teacher/ as it is."""
 from pathlib import Path
 
-from kdpipe import data, paths, train
+from kdpipe import accel, data, dist, paths, train
 from kdpipe.config import Config, ConfigError
 from kdpipe.models import build_model, make_spec
 from kdpipe.resume import Resume
@@ -63,12 +63,13 @@ def load_checkpoint(model, path: str) -> tuple[str, str]:
 
 def run(cfg: Config, tracker) -> dict:
     g = seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = dist.device_for(pick_device(cfg.device))  # cuda:<LOCAL_RANK> under torchrun
     meta = data.load_meta()
     spec = make_spec(cfg.teacher.arch, meta)
     model = build_model(spec).to(device)
-    x, y = data.load_split("train", device)
-    xv, yv = data.load_split("val", device)
+    where = accel.split_device(cfg.speed, device, meta)  # the GPU if the split fits there, else the host
+    x, y = data.load_split("train", where)
+    xv, yv = data.load_split("val", where)
     tracker.log_params({"teacher": cfg.teacher.model_dump(mode="json"), "seed": cfg.seed,
                         "n_params": sum(p.numel() for p in model.parameters())})
     if cfg.teacher.checkpoint:  # bring your own teacher: nothing is trained
@@ -82,8 +83,14 @@ def run(cfg: Config, tracker) -> dict:
         res = {"val_acc": accuracy(predict(model, xv), yv), "checkpoint_sha256": digest, "route": route}
     else:
         resume = Resume(cfg, "train-teacher", [paths.PREPARED, __file__, train.__file__])
-        res = fit_supervised(model, x, y, xv, yv, cfg.teacher, tracker, "train-teacher", generator=g, resume=resume)
+        res = fit_supervised(model, x, y, xv, yv, cfg.teacher, tracker, "train-teacher", generator=g, resume=resume,
+                             speed=cfg.speed)
     res["train_acc"] = accuracy(predict(model, x), y)
+    summary = {"val_acc": round(res["val_acc"], 4), "train_acc": round(res["train_acc"], 4),
+               **({"skipped": "byo-teacher", "byo": f"{res['route']}:{res['checkpoint_sha256'][:12]}"}
+                  if cfg.teacher.checkpoint else {})}
+    if not dist.is_main():  # under torchrun rank 0 alone writes outputs
+        return summary
     save_torch(model.state_dict(), paths.TEACHER / "model.pt")
     save_json(spec, paths.TEACHER / "spec.json")
     tracker.log_metrics({"final_val_acc": res["val_acc"], "final_train_acc": res["train_acc"]})
@@ -91,6 +98,4 @@ def run(cfg: Config, tracker) -> dict:
     tracker.set_tags({"teacher.sha256": sha256_file(paths.TEACHER / "model.pt")})
     if not cfg.teacher.checkpoint:
         resume.finish()
-    return {"val_acc": round(res["val_acc"], 4), "train_acc": round(res["train_acc"], 4),
-            **({"skipped": "byo-teacher", "byo": f"{res['route']}:{res['checkpoint_sha256'][:12]}"}
-               if cfg.teacher.checkpoint else {})}
+    return summary

@@ -1,0 +1,130 @@
+"""Speed knobs in one place, driven by the ``speed:`` config section.
+
+- bf16 autocast (``amp``): forward and loss in bfloat16 where safe; no GradScaler needed for bf16.
+- channels_last: NHWC memory format for the model and its inputs (tensor cores prefer it).
+- torch.compile (``compile``), cuDNN autotuning (``cudnn_benchmark``), fused SGD (``fused``, CUDA).
+- data placement: a split that fits stays on the GPU (indexing and augmentation there, no copies
+  per step); otherwise it stays on the host and a DataLoader with pinned memory and workers feeds it.
+
+"auto" means on for CUDA and off on CPU, so on CPU the defaults train bit-identically to plain
+fp32 code. Every helper here is free of host syncs, so the training loop can run ahead of the GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from kdpipe import dist
+from kdpipe.config import SpeedCfg
+
+
+def _on(knob, device: torch.device) -> bool:
+    return device.type == "cuda" if knob == "auto" else bool(knob)
+
+
+def amp_dtype(speed: SpeedCfg, device: torch.device) -> torch.dtype | None:
+    """bfloat16 when autocast is on for this device, else None (fp32)."""
+    return torch.bfloat16 if speed.amp == "bf16" or (speed.amp == "auto" and device.type == "cuda") else None
+
+
+def autocast(speed: SpeedCfg, device: torch.device):
+    dtype = amp_dtype(speed, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def memory_format(speed: SpeedCfg, device: torch.device) -> torch.memory_format:
+    return torch.channels_last if _on(speed.channels_last, device) else torch.contiguous_format
+
+
+def setup(speed: SpeedCfg, device: torch.device) -> None:
+    """Process-wide switches for a CUDA device: cuDNN autotuning; TF32 for the fp32 matmuls left under autocast."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = speed.cudnn_benchmark
+        if amp_dtype(speed, device) is not None:
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def train_module(model: nn.Module, speed: SpeedCfg, device: torch.device) -> nn.Module:
+    """The callable to train with: ``model`` in the chosen memory format (in place), wrapped in DDP
+    under torchrun, compiled if asked. Save and evaluate ``model`` itself (its state_dict keys stay plain)."""
+    setup(speed, device)
+    if memory_format(speed, device) is torch.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = dist.wrap(model, device, speed.sync_bn)
+    return torch.compile(net) if speed.compile else net
+
+
+def inputs(x: torch.Tensor, speed: SpeedCfg, device: torch.device) -> torch.Tensor:
+    """A batch in the model's memory format (4-D only; a no-op on the default CPU path)."""
+    fmt = memory_format(speed, device)
+    return x.contiguous(memory_format=fmt) if fmt is torch.channels_last and x.dim() == 4 else x
+
+
+def sgd(params, lr: float, momentum: float, weight_decay: float, speed: SpeedCfg,
+        device: torch.device) -> torch.optim.Optimizer:
+    """SGD (Nesterov when momentum > 0); the fused kernel on CUDA when ``speed.fused``."""
+    fused = {"fused": True} if speed.fused and device.type == "cuda" else {}
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0, **fused)
+
+
+def data_device(speed: SpeedCfg, device: torch.device, nbytes: int) -> torch.device:
+    """Where a split of ``nbytes`` (float32) lives: on ``device`` if it is the CPU, if forced, or
+    (auto) if it takes under a quarter of the GPU's memory (MNIST 0.2 GB, CIFAR-10 0.6 GB); else the host."""
+    if device.type == "cpu" or speed.data_on_device is True:
+        return device
+    if speed.data_on_device is False:
+        return torch.device("cpu")
+    return device if nbytes < torch.cuda.get_device_properties(device).total_memory / 4 else torch.device("cpu")
+
+
+def split_device(speed: SpeedCfg, device: torch.device, meta: dict, split: str = "train") -> torch.device:
+    """``data_device`` for a prepared split (float32 N×C×H×W, sizes from meta.json)."""
+    n = meta["splits"][split]["n"] * meta["channels"] * meta["image_size"] ** 2 * 4
+    return data_device(speed, device, n)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Rows of in-memory tensors, fetched a whole batch at a time (``__getitems__``)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitems__(self, idx):
+        idx = torch.as_tensor(idx)
+        return tuple(t[idx] for t in self.tensors)
+
+
+def _as_batch(b):
+    return b
+
+
+def global_batches(n: int, batch_size: int) -> list[slice]:
+    """The global batches of an epoch, as slices of its permutation."""
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def epoch_batches(x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, batch_size: int, device: torch.device,
+                  workers: int = 0):
+    """Yield (x, y) of this rank's shard of each global batch ``perm[i:i+batch_size]``, on ``device``:
+    by plain indexing when the data is already there, else through ``loader_batches``."""
+    idx = [perm[s][dist.shard(s.stop - s.start)] for s in global_batches(len(perm), batch_size)]
+    if x.device != device:
+        yield from loader_batches(x, y, idx, device, workers)
+        return
+    for i in idx:
+        i = i.to(device)
+        yield x[i], y[i]
+
+
+def loader_batches(x: torch.Tensor, y: torch.Tensor, idx: list[torch.Tensor], device: torch.device, workers: int):
+    """Batches ``x[i], y[i]`` for each index tensor of ``idx`` from host memory: a DataLoader with
+    ``workers`` processes gathers each batch (pinned on CUDA) and it is copied without blocking the host."""
+    loader = torch.utils.data.DataLoader(_Rows(x, y), batch_sampler=idx, collate_fn=_as_batch, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    for xb, yb in loader:
+        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)

@@ -1,0 +1,249 @@
+"""The distill stage's routes and objectives (issue 8), for real on a tiny digits project: real and
+mixed data (tracked as real, lineage shows the route), private + real refused, T scheduled per step,
+hint KD with learned adapters, two teachers (synthesis guide and soft targets), the fine-tune phase,
+the default route bit for bit unchanged, dvc.yaml rendered from the config, routes side by side.
+
+Torch runs single-threaded here (as in test_faults.py): the golden sha256 is a CPU, one-thread figure."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, TINY
+from kdpipe.cli import main as cli
+from kdpipe.config import Config, ConfigError, load_config
+from kdpipe.utils import load_json, load_torch, save_torch
+
+# sha256 of data/student/model.pt from the distill stage as it was before the routes (commit d03a9dc),
+# on the base project below: the default route must give exactly this student.
+GOLDEN_DEFAULT_STUDENT = "3a1bbd1956af7ca7a39da82c60e77f923430ed9081a874ef644b8e113d5d291f"
+HINTS = "distill.hints=[[net.9, net.6]]"  # teacher digits_cnn: 64×4×4 after conv 3; student: 32×4×4 after conv 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """prepare, train-teacher, baseline (off), synthesize on the tiny settings, tracked in a local sqlite."""
+    from kdpipe.stages import run_stage
+
+    root = tmp_path_factory.mktemp("routes")
+    tree = Config().model_dump(mode="json")
+    for section, values in {**TINY, "baseline": {"enabled": False}}.items():
+        tree[section].update(values)
+    tree["tracking"]["uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    tree["device"] = "cpu"
+    (root / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    with contextlib.chdir(root):
+        cfg = load_config("params.yaml")
+        for stage in ("prepare", "train-teacher", "baseline", "synthesize"):
+            run_stage(stage, cfg)
+    return root
+
+
+@pytest.fixture
+def proj(base, tmp_path, monkeypatch):
+    p = tmp_path / "p"
+    shutil.copytree(base, p, ignore=shutil.ignore_patterns("mlflow.db"))
+    monkeypatch.chdir(p)
+    return p
+
+
+def distill(*overrides: str) -> dict:
+    from kdpipe.stages import run_stage
+
+    return run_stage("distill", load_config("params.yaml", list(overrides)))
+
+
+def last_run(base, stage: str = "distill"):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{base / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdpipe").experiment_id
+    run = client.search_runs([exp], f"tags.`kdpipe.stage` = '{stage}'", order_by=["attributes.start_time DESC"])[0]
+    return client, run
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ default: the same student as before
+def test_default_route_unchanged(proj, base):
+    distill()
+    assert sha256(proj / "data/student/model.pt") == GOLDEN_DEFAULT_STUDENT
+    _, run = last_run(base)
+    assert run.data.tags["kdpipe.privacy"] == "data-free" and run.data.tags["kdpipe.route"] == "data-free"
+    assert [(d.dataset.name, {t.key: t.value for t in d.tags}["kdpipe.data_kind"]) for d in run.inputs.dataset_inputs] \
+        == [("synthetic", "synthetic")]
+    assert load_json(proj / "data/student/spec.json")["route"] == "data-free"
+
+
+# ------------------------------------------------------------------ real and mixed data
+@pytest.mark.parametrize("route, tag, inputs", [("real", "kd-real", {"real-train": "real"}),
+                                                ("mixed", "kd-mixed", {"synthetic": "synthetic", "real-train": "real"})])
+def test_real_and_mixed_routes_are_tracked_as_real(proj, base, route, tag, inputs):
+    from kdpipe.lineage import lineage
+
+    out = distill(f"distill.data={route}", "distill.real_fraction=0.25")
+    assert out["route"] == tag and math.isfinite(out["loss"])
+    client, run = last_run(base)
+    assert run.data.tags["kdpipe.privacy"] == "real-data" and run.data.tags["kdpipe.route"] == tag
+    got = {d.dataset.name: {t.key: t.value for t in d.tags}["kdpipe.data_kind"] for d in run.inputs.dataset_inputs}
+    assert got == inputs
+    if route == "mixed":  # 16 real + 48 synthetic samples per batch of 64
+        assert run.data.params["real.n_per_batch"] == "16" and run.data.params["synthetic.n_per_batch"] == "48"
+    # lineage shows the route (kd-real: straight to the teacher run; kd-mixed: through synthesize)
+    res = lineage(client, run.info.run_id)
+    assert res["ok"], res["problems"]
+    assert [s["stage"] for s in res["chain"]] == (["distill", "train-teacher"] if route == "real"
+                                                  else ["distill", "synthesize", "train-teacher"])
+    assert res["chain"][0]["route"] == tag
+    # a distill run tagged data-free that logged the real data is still an error
+    client.set_tag(run.info.run_id, "kdpipe.privacy", "data-free")
+    bad = lineage(client, run.info.run_id)
+    assert not bad["ok"] and "data-free stage 'distill'" in bad["problems"][0] and "real-train real" in bad["problems"][0]
+
+
+def test_private_real_data_is_refused(proj, capsys):
+    for route in ("real", "mixed"):
+        assert cli(["distill", "--set", "data.private=true", "--set", f"distill.data={route}"]) == 2
+        err = capsys.readouterr().err
+        assert f"distill.data '{route}'" in err and "data.private is true" in err
+    assert not (proj / "data/student").exists()
+    with pytest.raises(ConfigError, match="distill.feature_weight > 0 needs distill.hints"):
+        load_config(None, ["distill.feature_weight=1"])
+
+
+def test_real_route_is_not_data_free_but_the_default_is(proj):
+    """The guard of the data-free stages blocks the real data on the default route only."""
+    from kdpipe import data
+    from kdpipe.stages import data_free_stage
+
+    cfg = load_config("params.yaml")
+    assert data_free_stage("distill", cfg) and data_free_stage("synthesize", load_config("params.yaml", ["distill.data=real"]))
+    assert not data_free_stage("distill", load_config("params.yaml", ["distill.data=mixed"]))
+    with data.data_free("distill", False), pytest.raises(ConfigError, match="data-free"):
+        from kdpipe.routes import real_pool
+
+        real_pool(None, 64, "cpu")
+
+
+# ------------------------------------------------------------------ schedules, hints, fine-tune
+def test_temperature_schedule_changes_T_per_step(proj, base):
+    """T linear 20 -> 4 and α cosine 1 -> 0.5 over 2 epochs × 3 steps (192 samples, batch 64): the
+    values of each epoch's last step (2, 5) are logged: T = 20 − 16·s/6, α = .5 + .25·(1 + cos(π·s/6))."""
+    distill("distill.temperature_schedule={kind: linear, start: 20, end: 4}",
+            "distill.alpha_schedule={kind: cosine, start: 1.0, end: 0.5}")
+    client, run = last_run(base)
+    T = [m.value for m in client.get_metric_history(run.info.run_id, "temperature")]
+    alpha = [m.value for m in client.get_metric_history(run.info.run_id, "alpha")]
+    assert T == pytest.approx([14.666667, 6.666667], rel=1e-6)
+    assert alpha == pytest.approx([0.875, 0.5 + 0.25 * (1 + math.cos(5 * math.pi / 6))], rel=1e-6)
+    hist = (proj / "data/student/history.csv").read_text().splitlines()
+    assert hist[0] == "epoch,phase,loss,synthetic_agreement,temperature,alpha" and hist[1].split(",")[4] == "14.666667"
+
+
+def test_feature_kd_learns_the_adapters(proj, base):
+    out = distill("distill.feature_weight=1.0", HINTS, "distill.alpha=0.5", "distill.ce_weight=0.1")
+    client, run = last_run(base)
+    feat = [m.value for m in client.get_metric_history(run.info.run_id, "feature_loss")]
+    assert len(feat) == 2 and all(math.isfinite(f) and f > 0 for f in feat)
+    assert run.data.metrics["adapter_delta"] > 1e-3  # the 1×1 conv 32 -> 64 was trained
+    assert math.isfinite(out["loss"])
+    with pytest.raises(ConfigError, match=r"distill.hints: the student has no module 'net\.99'"):
+        distill("distill.feature_weight=1.0", "distill.hints=[[net.9, net.99]]")
+
+
+def test_finetune_phase_on_real_labels(proj, base):
+    distill("distill.data=real", "distill.finetune_epochs=2", "distill.finetune_lr=0.01")
+    client, run = last_run(base)
+    hist = [line.split(",") for line in (proj / "data/student/history.csv").read_text().splitlines()[1:]]
+    assert [h[1] for h in hist] == ["kd", "kd", "finetune", "finetune"]
+    # real train split: 1167 samples / 64 = 19 steps per epoch; cosine lr after 19 of 38 steps: 0.01·(1 + cos(π/2))/2
+    lr = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+    assert lr[2] == pytest.approx(0.005, rel=1e-6) and lr[3] == pytest.approx(0.0, abs=1e-12)
+
+
+# ------------------------------------------------------------------ two teachers
+def test_two_teachers_guide_synthesis_and_soft_targets(proj, base):
+    from kdpipe.losses import kd_loss_probs, multi_teacher_targets
+    from kdpipe.losses import kd_per_sample
+    from kdpipe.stages import run_stage
+    from kdpipe.teachers import target_logits
+
+    # targets as logits: KD against them is KD against the averaged tempered probabilities
+    t, s = torch.randn(2, 5, 10), torch.randn(5, 10)
+    p = multi_teacher_targets(t, 3.0, [1.0, 0.5])
+    assert kd_per_sample(s, target_logits(t, 3.0, torch.tensor([1.0, 0.5])), 3.0).mean().item() == pytest.approx(
+        kd_loss_probs(s, p, 3.0).item(), rel=1e-5)
+
+    g = torch.Generator().manual_seed(0)  # a second teacher: the first with perturbed weights
+    sd = load_torch(proj / "data/teacher/model.pt")
+    save_torch({k: v + 0.05 * torch.randn(v.shape, generator=g) if k.endswith("weight") else v for k, v in sd.items()},
+               proj / "second.pt")
+    teachers = "teachers=[{}, {arch: digits_cnn, checkpoint: second.pt, weight: 0.5}]"
+    cfg = load_config("params.yaml", [teachers])
+    run_stage("synthesize", cfg)
+    # the stored logits are the guide's: log of (1·p_1 + 0.5·p_2) / 1.5 on the stored images
+    from kdpipe.teachers import load_teachers
+
+    ens = load_teachers(cfg, "cpu")[0]
+    syn = load_torch(proj / "data/synthetic/samples.pt")
+    x = syn["x"].float() / 255
+    with torch.no_grad():
+        want = multi_teacher_targets(ens.logits(x), 1.0, [1.0, 0.5]).clamp_min(1e-12).log()
+    assert torch.allclose(syn["logits"], want, atol=1e-5)
+    out = run_stage("distill", load_config("params.yaml", [teachers, "distill.alpha=0.7"]))
+    assert math.isfinite(out["loss"])
+    _, run = last_run(base)
+    assert len(run.data.tags["teachers.sha256"].split(",")) == 2
+    with pytest.raises(ConfigError, match=r"teachers\.1\.arch is needed"):
+        run_stage("distill", load_config("params.yaml", ["teachers=[{}, {checkpoint: second.pt}]"]))
+
+
+# ------------------------------------------------------------------ dvc.yaml follows the config
+def test_dvc_yaml_is_the_default_rendering(proj, capsys):
+    from kdpipe import dag
+
+    text = (ROOT / "dvc.yaml").read_text()
+    assert dag.render(Config(), text) == text, "dvc.yaml is out of date: run 'kdpipe dag --write'"
+    deps = lambda t, stage: [d for d in yaml.safe_load(t)["stages"][stage]["deps"] if not d.startswith("kdpipe/")]
+    assert deps(text, "distill") == ["data/synthetic", "data/teacher"] and deps(text, "synthesize") == ["data/teacher"]
+    real = dag.render(load_config(None, ["distill.data=real"]), text)
+    assert deps(real, "distill") == ["data/teacher", "data/prepared"] and deps(real, "synthesize") == ["data/teacher"]
+    mixed = dag.render(load_config(None, ["distill.data=mixed", "teachers=[{}, {arch: x, checkpoint: t2.pt}]"]), text)
+    assert deps(mixed, "distill") == ["data/synthetic", "data/teacher", "t2.pt", "data/prepared"]
+    assert deps(mixed, "synthesize") == ["data/teacher", "t2.pt"]
+    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
+    with pytest.raises(ConfigError, match="kdpipe dag --write"):
+        dag.check(load_config(None, ["distill.data=real"]), proj / "dvc.yaml")
+    assert cli(["dag", "--write", "--set", "distill.data=real"]) == 0
+    assert (proj / "dvc.yaml").read_text() == real
+    dag.check(load_config(None, ["distill.data=real"]), proj / "dvc.yaml")
+
+
+# ------------------------------------------------------------------ routes side by side
+def test_evaluate_and_summary_put_the_routes_side_by_side(proj):
+    from kdpipe.pipeline import routes
+    from kdpipe.stages import run_stage
+
+    distill("distill.data=real")
+    run_stage("evaluate", load_config("params.yaml"))
+    m = load_json(proj / "data/reports/metrics.json")
+    assert m["student"]["route"] == "kd-real" and m["routes"] == {"kd-real": m["student"]["accuracy"]}
+    e = {"int8_accuracy": 0.5}  # export's figure, once it has run
+    assert routes(m, e) == [("teacher", "", m["teacher"]["accuracy"]), ("student", "KD real", m["student"]["accuracy"]),
+                            ("student", "KD real + INT8", 0.5)]
