@@ -2,12 +2,12 @@
 
 - bf16 autocast (``amp``): forward and loss in bfloat16 where safe; no GradScaler needed for bf16.
 - channels_last: NHWC memory format for the model and its inputs (tensor cores prefer it).
-- torch.compile (``compile``), cuDNN autotuning (``cudnn_benchmark``), fused SGD (``fused``, CUDA).
+- torch.compile (``compile``), cuDNN autotuning (``cudnn_benchmark``), fused SGD/Adam (``fused``, CUDA).
 - data placement: a split that fits stays on the GPU (indexing and augmentation there, no copies
   per step); otherwise it stays on the host and a DataLoader with pinned memory and workers feeds it.
 
 "auto" means on for CUDA and off on CPU, so on CPU the defaults train bit-identically to plain
-fp32 code. Every helper here is free of host syncs, so the training loop can run ahead of the GPU.
+fp32 code. Used by train-teacher and baseline (kdpipe/train.py), synthesize and distill. Every helper here is free of host syncs, so the training loop can run ahead of the GPU.
 """
 from __future__ import annotations
 
@@ -56,6 +56,20 @@ def train_module(model: nn.Module, speed: SpeedCfg, device: torch.device) -> nn.
     return torch.compile(net) if speed.compile else net
 
 
+def frozen_module(model: nn.Module, speed: SpeedCfg, device: torch.device) -> nn.Module:
+    """A model that only runs forward (the teacher): the chosen memory format, in place."""
+    if memory_format(speed, device) is torch.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def plain(model: nn.Module, speed: SpeedCfg, device: torch.device) -> nn.Module:
+    """After training: the weights back in the default (contiguous) layout, to save and export."""
+    if memory_format(speed, device) is torch.channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    return model
+
+
 def inputs(x: torch.Tensor, speed: SpeedCfg, device: torch.device) -> torch.Tensor:
     """A batch in the model's memory format (4-D only; a no-op on the default CPU path)."""
     fmt = memory_format(speed, device)
@@ -67,6 +81,12 @@ def sgd(params, lr: float, momentum: float, weight_decay: float, speed: SpeedCfg
     """SGD (Nesterov when momentum > 0); the fused kernel on CUDA when ``speed.fused``."""
     fused = {"fused": True} if speed.fused and device.type == "cuda" else {}
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0, **fused)
+
+
+def adam(params, lr: float, betas: tuple[float, float], speed: SpeedCfg, device: torch.device) -> torch.optim.Optimizer:
+    """Adam; the fused kernel on CUDA when ``speed.fused``."""
+    fused = {"fused": True} if speed.fused and device.type == "cuda" else {}
+    return torch.optim.Adam(params, lr=lr, betas=betas, **fused)
 
 
 def data_device(speed: SpeedCfg, device: torch.device, nbytes: int) -> torch.device:

@@ -160,8 +160,9 @@ class ExportCfg(_Section):
 
 
 class SpeedCfg(_Section):
-    """Speed knobs (kdpipe/accel.py) of the supervised stages. "auto" = on for CUDA, off on CPU, so a
-    CPU run is bit-identical with or without them; true/false forces a knob on any device."""
+    """Speed knobs (kdpipe/accel.py) of the training stages (train-teacher, baseline, synthesize, distill).
+    "auto" = on for CUDA, off on CPU, so a CPU run is bit-identical with or without them; true/false
+    forces a knob on any device."""
 
     amp: Literal["auto", "bf16", "off"] = "auto"  # bf16 autocast (auto: CUDA only; bf16: any device)
     channels_last: Literal["auto"] | bool = "auto"  # NHWC memory format for model and inputs

@@ -11,7 +11,9 @@ Only rank 0 logs to MLflow and writes outputs (``is_main``).
 
 Stages that run data-parallel: ``DDP_STAGES``; any other stage under torchrun runs on rank 0 alone
 (the other ranks exit at once): synthesis is one generator on rank 0, so the synthetic set is the
-same whatever the number of processes.
+same whatever the number of processes. What a stage computes over the whole global batch (distill:
+φ weights, replay priorities) it assembles from the shards with ``gather_shards``; parameters trained
+outside the DDP module (distill's hint adapters) get their gradients averaged by ``average_grads``.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-DDP_STAGES = {"train-teacher", "baseline"}  # distill joins once its stage is wired (see README)
+DDP_STAGES = {"train-teacher", "baseline", "distill"}
 
 
 def world_size() -> int:
@@ -95,6 +97,26 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def gather_shards(part: torch.Tensor, sh: slice, n: int, dim: int = 0) -> torch.Tensor:
+    """The global batch of ``n`` along ``dim`` from every rank's shard (``part`` = this rank's rows
+    ``sh``), on every rank: zeros with this shard written in, summed over ranks (x + 0 = x: exact).
+    With one process ``part`` itself."""
+    if not active():
+        return part
+    full = part.new_zeros(*part.shape[:dim], n, *part.shape[dim + 1:])
+    full.narrow(dim, sh.start, sh.stop - sh.start).copy_(part)
+    return all_reduce_sum(full)
+
+
+def average_grads(params) -> None:
+    """What DDP does for its own module, for parameters outside it: grad ← mean over ranks."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if active() and grads:
+        flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))  # one collective for all of them
+        for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(f.view_as(g))
 
 
 class _AllReduceSum(torch.autograd.Function):

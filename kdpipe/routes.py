@@ -93,6 +93,12 @@ class Batches:
             perms = [torch.randperm(len(p), generator=g) for _ in range(math.ceil(need / len(p)))]
             self.perms.append((perms[0] if len(perms) == 1 else torch.cat(perms)).to(p.x.device))
 
+    def step_sizes(self) -> list[int]:
+        """Samples in each step's batch: each pool's ``batch``, but the first pool's last one may be short."""
+        b0, n0 = self.pools[0].batch, len(self.pools[0])
+        rest = sum(p.batch for p in self.pools[1:])
+        return [(b0 if self.priority else min(b0, n0 - i * b0)) + rest for i in range(self.steps)]
+
     def get(self, i: int, beta: float, g: torch.Generator) -> Batch:
         idx, iw = [], []
         for p, perm in zip(self.pools, self.perms):

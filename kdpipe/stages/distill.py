@@ -14,6 +14,15 @@ and the frozen teacher(s) label them again; so they do, on each batch, when hint
 Then ``finetune_epochs`` on hard labels alone (CE; real labels when the route uses real data,
 else the teacher's argmax on the synthetic set), SGD at ``finetune_lr`` with cosine decay.
 The default parameters give bit for bit the student of the plain Hinton-KD stage.
+
+Under ``torchrun`` the stage is data-parallel (kdpipe/dist.py): every rank draws the same global
+batch (same generator), augments it with the same translations, takes its shard and scales the
+shard's loss so that DDP's gradient average is the global batch's mean; φ and the replay priorities
+are computed over the whole global batch (shards gathered), so N processes train like 1. Speed
+knobs (kdpipe/accel.py): bf16 autocast of the forwards on CUDA (loss math in fp32), channels_last,
+fused SGD. No host sync per step: the per-step loss terms stay on the device and are checked for
+NaN/inf once per epoch (with ``priority``, whose sampler reads the priorities on the host anyway,
+after every step).
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdpipe import paths
+from kdpipe import accel, dist, paths
 from kdpipe.config import Config
 from kdpipe.feature_kd import FeatureKD, combined_loss
 from kdpipe.losses import kd_per_sample
@@ -35,10 +44,11 @@ from kdpipe.schedules import value
 from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import anneal_beta
 from kdpipe.teachers import Ensemble, first_member, guide_logits, hard_labels, load_teachers, target_logits, teacher_logits
-from kdpipe.train import check_finite, check_weights, random_shift, sgd
+from kdpipe.train import check_finite_steps, check_weights, random_translations, shift_by
 from kdpipe.utils import atomic_path, pick_device, save_json, save_torch, seed_everything, sha256_file
 
 ROUTE = {"synthetic": "data-free", "real": "kd-real", "mixed": "kd-mixed"}  # the kdpipe.route tag
+TERMS = ("total", "kd", "ce", "feature")  # the loss terms kept per step and named when one is NaN/inf
 
 
 def log_route(cfg: Config, tracker, pools, meta, digests) -> None:
@@ -67,10 +77,24 @@ def write_outputs(student, spec, history, agree_key, tracker) -> None:
             for h in history))
 
 
+def epoch_shifts(data: Batches, g: torch.Generator, device) -> list[torch.Tensor]:
+    """The random translations of an epoch's global batches, drawn at once (the same numbers as one
+    draw per step, in order) and copied to the device once, not per step."""
+    sizes = data.step_sizes()
+    return list(random_translations(sum(sizes), generator=g).to(device).split(sizes))
+
+
+def check_steps(rows: torch.Tensor, first_step: int, epoch: int) -> None:
+    """Stop on a NaN/inf loss term: ``rows`` holds each step's TERMS (this rank's share of the global
+    batch's mean; summed over ranks here, so a bad shard stops every rank). One host sync."""
+    dist.all_reduce_mean(rows)
+    check_finite_steps(f"distill (epoch {epoch})", first_step, **dict(zip(TERMS, rows.unbind(1))))
+
+
 def run(cfg: Config, tracker) -> dict:
-    d, s = cfg.distill, cfg.synthesize
+    d, s, speed = cfg.distill, cfg.synthesize, cfg.speed
     g = seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = dist.device_for(pick_device(cfg.device))  # cuda:<LOCAL_RANK> under torchrun
     with torch.random.fork_rng(devices=[]):  # building the teacher(s) draws no numbers from the student's stream
         teacher, tspec, digests = load_teachers(cfg, device)
     tw = teacher.weights if isinstance(teacher, Ensemble) else None  # w_k of the ensemble
@@ -83,18 +107,25 @@ def run(cfg: Config, tracker) -> dict:
         pools.append(real_pool(teacher, n_real, device))
     spec = {**{k: v for k, v in tspec.items() if k != "arch"}, "arch": cfg.student.arch, "route": ROUTE[d.data]}
     student = build_model(spec).to(device)
+    if speed.compile and d.feature_weight > 0:  # a compiled graph would not run the hint hooks on later calls
+        print("[kdpipe] distill: speed.compile is ignored with hints (distill.feature_weight > 0)", flush=True)
+        speed = speed.model_copy(update={"compile": False})
+    net = accel.train_module(student, speed, device)  # channels_last; DDP under torchrun; compiled if asked
+    accel.frozen_module(teacher, speed, device)
     log_route(cfg, tracker, pools, meta, digests)
+    # hooks after the wrap: on the modules that run (BatchNorm swapped for its global-batch version)
     hints = FeatureKD(first_member(teacher), student, d.hints, d.feature_loss,
                       example=pools[0].x[: d.batch_size]) if d.feature_weight > 0 else None
     live = d.augment or hints is not None  # the teacher runs on each batch
     adapters0 = [p.detach().clone() for p in hints.parameters()] if hints else []
-    opt = sgd(nn.ModuleList([student, hints]) if hints else student, d.lr, d.momentum, d.weight_decay)
+    params = (nn.ModuleList([student, hints]) if hints else student).parameters()
+    opt = accel.sgd(params, d.lr, d.momentum, d.weight_decay, speed, device)
     batches = Batches(pools, d.priority, s.alpha)
     total = d.epochs * batches.steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=d.lr, total_steps=total, pct_start=0.15)
     # fine-tune phase: hard labels on the real pool when there is one, else on the synthetic set
     ft_batches = Batches([dataclasses.replace(pools[-1], batch=d.batch_size)])
-    ft_opt = sgd(student, d.finetune_lr, d.momentum, d.weight_decay)
+    ft_opt = accel.sgd(student.parameters(), d.finetune_lr, d.momentum, d.weight_decay, speed, device)
     ft_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ft_opt, max(d.finetune_epochs * ft_batches.steps, 1))
     class_freq = torch.softmax(guide_logits(pools[0].t, tw), 1).mean(0)
     agree_key, agree_labels = f"{pools[0].kind}_agreement", hard_labels(None, pools[0].t, tw)
@@ -114,42 +145,59 @@ def run(cfg: Config, tracker) -> dict:
     for epoch in bar:
         finetune = epoch >= d.epochs
         data, o, sc = (ft_batches, ft_opt, ft_sched) if finetune else (batches, opt, sched)
-        student.train()
+        per_step_check = d.priority and not finetune  # the sampler syncs each step anyway
+        net.train()
         data.new_epoch(g)
+        shifts = epoch_shifts(data, g, device) if d.augment and not data.priority else None
         run_loss, feat_loss = torch.zeros((), device=device), torch.zeros((), device=device)
+        rows, first = torch.zeros(data.steps, len(TERMS), device=device), step  # per step: TERMS (this rank's share)
         for i in range(data.steps):
-            b = data.get(i, anneal_beta(s.beta0, step, total), g)
-            xb, tb = b.x, b.t
-            if live:
-                if d.augment:
-                    xb = random_shift(xb, generator=g)
-                with torch.no_grad():
-                    tb = teacher_logits(teacher, xb)  # K×B×C (and the hint modules' outputs)
+            b = data.get(i, anneal_beta(s.beta0, step, total), g)  # the global batch, the same on every rank
+            n, sh = len(b.x), dist.shard(len(b.x))  # ... and this rank's rows of it
+            xb, tb, y = b.x[sh], b.t[:, sh], b.y[sh] if b.y is not None else None
+            if d.augment:  # the global batch's translations, this rank's rows
+                xb = shift_by(xb, (shifts[i] if shifts else random_translations(n, generator=g))[sh])
             T = value(d.temperature_schedule, step, total, d.temperature)
             alpha = value(d.alpha_schedule, step, total, d.alpha)
-            sl = student(xb)
+            with accel.autocast(speed, device):
+                if live:
+                    with torch.no_grad():
+                        tb = teacher_logits(teacher, accel.inputs(xb, speed, device)).float()  # K×B×C (+ hint outputs)
+                sl = net(accel.inputs(xb, speed, device)).float()
+                feat = hints().float() if hints and not finetune else None
             z = target_logits(tb, T, tw)  # softmax(z/T) = the soft target p
-            labels = hard_labels(b.y, tb, tw) if b.y is not None or len(tb) > 1 else None  # None: argmax of z
+            labels = hard_labels(y, tb, tw) if y is not None or len(tb) > 1 else None  # None: argmax of z
+            kd = kd_per_sample(sl.detach(), z, T)  # the KD term per sample (and the replay priority)
             if finetune:  # hard labels only
-                loss = F.cross_entropy(sl, hard_labels(b.y, tb, tw))
+                loss = F.cross_entropy(sl, hard_labels(y, tb, tw))
             else:
-                w = b.iw * (phi_weights(guide_logits(tb, tw), s.phi_gamma, s.phi_clip, class_freq) if d.phi else 1.0)
-                feat = hints() if hints else None
+                w = b.iw[sh] if torch.is_tensor(b.iw) else b.iw
+                if d.phi:  # φ normalises over the global batch: the teacher's logits of all shards
+                    t_all = dist.gather_shards(tb, sh, n, dim=1) if live else b.t
+                    w = w * phi_weights(guide_logits(t_all, tw), s.phi_gamma, s.phi_clip, class_freq)[sh]
                 loss = combined_loss(sl, z, T, alpha, d.ce_weight, labels, w, feat, d.feature_weight)
-                if feat is not None:
-                    feat_loss += feat.detach()
-            if not torch.isfinite(loss):  # name the terms: KD (weight α), CE (γ), hints (β)
-                check_finite(f"distill (epoch {epoch})", step, total=loss, kd=kd_per_sample(sl, z, T).mean(),
-                             ce=F.cross_entropy(sl, z.argmax(1) if labels is None else labels),
-                             **({"feature": feat} if hints and not finetune else {}))
+            k = dist.scale(len(xb), n)  # = 1 with one process
             o.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * k if dist.active() else loss).backward()
+            if hints and not finetune:
+                dist.average_grads(hints.parameters())  # the adapters live outside the DDP module
             o.step()
             sc.step()
             if d.priority and not finetune:
-                batches.update_priority(b, kd_per_sample(sl.detach(), z, T))
-            run_loss += loss.detach()
+                batches.update_priority(b, dist.gather_shards(kd, sh, n))
+            with torch.no_grad():  # KD (weight α), CE (γ), hints (β): named if NaN/inf
+                ce = F.cross_entropy(sl, z.argmax(1) if labels is None else labels)
+                rows[i] = torch.stack([loss, kd.mean(), ce, feat if feat is not None else torch.zeros_like(ce)]) * k
+            if per_step_check:
+                check_steps(rows[i : i + 1], step, epoch)
+            run_loss += loss.detach() * k
+            if feat is not None:
+                feat_loss += feat.detach() * k
             step += 1
+        if not per_step_check:
+            check_steps(rows, first, epoch)
+        dist.all_reduce_mean(run_loss)  # Σ_steps of the global batches' mean loss
+        dist.all_reduce_mean(feat_loss)
         with torch.no_grad():
             student.eval()
             agree = (student(pools[0].x).argmax(1) == agree_labels).float().mean().item()
@@ -158,17 +206,22 @@ def run(cfg: Config, tracker) -> dict:
         history.append({"epoch": epoch, "phase": "finetune" if finetune else "kd", **m})
         tracker.log_metrics(m, step=epoch)
         bar.set_postfix(loss=f"{m['loss']:.3f}", agree=f"{agree:.3f}")
-        resume.save(epoch + 1, epochs, {"student": student.state_dict(), "optimizer": opt.state_dict(),
-                                        "scheduler": sched.state_dict(), "ft_optimizer": ft_opt.state_dict(),
-                                        "ft_scheduler": ft_sched.state_dict(), "priority": [p.priority for p in pools],
-                                        **({"hints": hints.state_dict()} if hints else {}),
-                                        "history": history, "step": step}, g)
+        if dist.is_main():
+            resume.save(epoch + 1, epochs, {"student": student.state_dict(), "optimizer": opt.state_dict(),
+                                            "scheduler": sched.state_dict(), "ft_optimizer": ft_opt.state_dict(),
+                                            "ft_scheduler": ft_sched.state_dict(), "priority": [p.priority for p in pools],
+                                            **({"hints": hints.state_dict()} if hints else {}),
+                                            "history": history, "step": step}, g)
+    accel.plain(dist.unwrap(student), speed, device)  # plain BatchNorm, contiguous weights
     if hints:  # how far the adapters moved: ‖θ − θ₀‖ over all adapter parameters
         hints.remove()
         tracker.log_metrics({"adapter_delta": float(sum((p.detach() - p0).pow(2).sum() for p, p0 in
                                                         zip(hints.parameters(), adapters0)) ** 0.5)})
+    summary = {"loss": round(history[-1]["loss"], 4), agree_key: round(history[-1][agree_key], 4),
+               **({"route": ROUTE[d.data]} if d.data != "synthetic" else {}),
+               **({"finetune_epochs": d.finetune_epochs} if d.finetune_epochs else {})}
+    if not dist.is_main():  # under torchrun rank 0 alone writes outputs
+        return summary
     write_outputs(student, spec, history, agree_key, tracker)
     resume.finish()
-    return {"loss": round(history[-1]["loss"], 4), agree_key: round(history[-1][agree_key], 4),
-            **({"route": ROUTE[d.data]} if d.data != "synthetic" else {}),
-            **({"finetune_epochs": d.finetune_epochs} if d.finetune_epochs else {})}
+    return summary

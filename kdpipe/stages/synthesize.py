@@ -12,6 +12,9 @@ Each round (Fast-Datafree's rhythm, with SSD-KD's balancing and replay):
   2. the round's samples enter the buffer (partial update; balanced eviction);
   3. kd_steps of a proxy student drawn from the buffer by prioritized replay, refreshing priorities;
      the proxy student is what the adversarial term plays against.
+Speed knobs (kdpipe/accel.py): bf16 autocast of the generator, teacher and proxy-student forwards on
+CUDA (losses and the BN prior in fp32; the images and logits that enter the buffer are computed in
+fp32), channels_last, fused Adam/SGD. One process: under torchrun rank 0 alone runs it.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kdpipe import paths
+from kdpipe import accel, paths
 from kdpipe.config import Config
 from kdpipe.losses import distill_loss, kd_per_sample
 from kdpipe.models import build_model, penultimate
@@ -34,7 +37,7 @@ from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import ReplayBuffer, anneal_beta
 from kdpipe.teachers import load_teachers
 from kdpipe.resume import Resume
-from kdpipe.train import check_finite, check_weights, sgd
+from kdpipe.train import check_finite, check_weights
 from kdpipe.utils import atomic_path, dvc_md5, sha256_file
 from kdpipe.utils import load_json, load_torch, pick_device, save_figure, save_json, save_torch, seed_everything, sha256_tensors
 
@@ -75,15 +78,18 @@ def sample_grid(x: torch.Tensor, labels: torch.Tensor, classes: list[str], path,
 
 
 def run(cfg: Config, tracker) -> dict:
-    s = cfg.synthesize
+    s, speed = cfg.synthesize, cfg.speed
     g = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    accel.setup(speed, device)
     teacher, tspec, teacher_digests = load_teachers(cfg, device)  # one teacher, or the ensemble as the guide
     C, ch, size = tspec["num_classes"], tspec["in_channels"], tspec["image_size"]
     student = build_model({**tspec, "arch": cfg.student.arch}).to(device)
     gen = Generator(s.nz, size, ch, s.ngf).to(device)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=s.lr_g, betas=(0.5, 0.999))
-    opt_s = sgd(student, s.kd_lr, 0.9, 5e-4)
+    for m in (teacher, student, gen):
+        accel.frozen_module(m, speed, device)  # the memory format (channels_last on CUDA), in place
+    opt_g = accel.adam(gen.parameters(), s.lr_g, (0.5, 0.999), speed, device)
+    opt_s = accel.sgd(student.parameters(), s.kd_lr, 0.9, 5e-4, speed, device)
     bn = BNPrior(teacher, s.bn_momentum)
     feats = {}
     if s.w_act > 0:
@@ -118,20 +124,22 @@ def run(cfg: Config, tracker) -> dict:
         targets = targets.to(device)
         z = torch.randn(s.batch_size, s.nz, generator=g).to(device).requires_grad_(s.lr_z > 0)
         fast = copy.deepcopy(gen) if s.meta else gen
-        opt = torch.optim.Adam(fast.parameters(), lr=s.lr_g, betas=(0.5, 0.999)) if s.meta else opt_g
-        opt_z = torch.optim.Adam([z], lr=s.lr_z, betas=(0.5, 0.999)) if s.lr_z > 0 else None
+        opt = accel.adam(fast.parameters(), s.lr_g, (0.5, 0.999), speed, device) if s.meta else opt_g
+        opt_z = accel.adam([z], s.lr_z, (0.5, 0.999), speed, device) if s.lr_z > 0 else None
         student.eval()
         use_adv = s.w_adv > 0 and r >= s.warmup_rounds
         for j in range(s.g_steps):
-            x = fast(z)
-            t_logits = teacher(x)
+            with accel.autocast(speed, device):
+                x = accel.inputs(fast(z), speed, device)
+                t_logits = teacher(x).float()
+                s_logits = student(x).float() if use_adv else None
             w = phi_weights(t_logits, s.phi_gamma, s.phi_clip, buf.class_freq()) if s.phi else torch.ones(len(x), device=device)
             ce = s.w_ce * ce_term(t_logits, targets)
             per = torch.zeros_like(ce)
             if use_adv:
-                per = per + s.w_adv * adv_term(student(x), t_logits)
+                per = per + s.w_adv * adv_term(s_logits, t_logits)
             if s.w_act > 0:
-                per = per + s.w_act * act_term(feats["f"])
+                per = per + s.w_act * act_term(feats["f"].float())
             loss_g = (w * per).mean() + ((w if s.phi_ce else 1.0) * ce).mean() + s.w_bn * bn.loss() + s.w_ie * ie_term(t_logits)
             if not torch.isfinite(loss_g):  # name the (switched-on) terms that are not finite
                 check_finite(f"synthesize (generator, round {r})", r * s.g_steps + j, total=loss_g,
@@ -161,7 +169,8 @@ def run(cfg: Config, tracker) -> dict:
             beta = anneal_beta(s.beta0, kd_step, kd_total)
             idx, iw = buf.sample(min(s.batch_size, 4 * buf.size), s.alpha, beta, g, prioritized=s.priority)
             xb, tb = buf.images(idx), buf.logits[idx]
-            sl = student(xb)
+            with accel.autocast(speed, device):
+                sl = student(accel.inputs(xb, speed, device)).float()
             phi = phi_weights(tb, s.phi_gamma, s.phi_clip, buf.class_freq()) if s.phi else 1.0
             loss = distill_loss(sl, tb, s.temperature, 1.0, iw * phi)
             check_finite(f"synthesize (proxy student, round {r})", kd_step, kd=loss)
@@ -180,6 +189,7 @@ def run(cfg: Config, tracker) -> dict:
                                       "opt_s": opt_s.state_dict(), "buffer": buf.state_dict(), "kd_step": kd_step,
                                       "t_gen": t_gen, "bn_prev": [(h.mean_prev, h.var_prev) for h in bn.hooks]}, g)
     bn.remove()
+    accel.plain(gen, speed, device)  # contiguous weights in generator.pt
     check_weights("synthesize", gen)
     wall = time.perf_counter() - t0
 

@@ -18,7 +18,7 @@ class BNStatsHook:
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        x = inputs[0]
+        x = inputs[0].float()  # fp32 statistics under bf16 autocast (a no-op on fp32)
         mean = x.mean(dim=(0, 2, 3))
         var = x.permute(1, 0, 2, 3).flatten(1).var(dim=1, unbiased=False)
         if self.momentum > 0 and self.mean_prev is not None:
