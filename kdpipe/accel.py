@@ -7,7 +7,8 @@
   per step); otherwise it stays on the host and a DataLoader with pinned memory and workers feeds it.
 
 "auto" means on for CUDA and off on CPU, so on CPU the defaults train bit-identically to plain
-fp32 code. Used by train-teacher and baseline (kdpipe/train.py), synthesize and distill. Every helper here is free of host syncs, so the training loop can run ahead of the GPU.
+fp32 code. Used by train-teacher and baseline (kdpipe/train.py), synthesize and distill. Every
+helper here is free of host syncs, so the training loop can run ahead of the GPU.
 """
 from __future__ import annotations
 

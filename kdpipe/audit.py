@@ -17,7 +17,7 @@ import torch
 from kdpipe import data, paths
 from kdpipe.config import Config
 from kdpipe.models import penultimate
-from kdpipe.stages.synthesize import load_teacher
+from kdpipe.teachers import load_teacher
 from kdpipe.utils import load_torch, pick_device, save_figure, save_json
 
 QUANTILES = (0, 1, 5, 50, 95)

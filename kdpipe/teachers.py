@@ -72,6 +72,12 @@ class Ensemble(nn.Module):
         return multi_teacher_targets(self.logits(x), 1.0, self.weights).clamp_min(1e-12).log()
 
 
+def load_teacher(device) -> tuple[nn.Module, dict]:
+    """data/teacher's model alone (frozen, eval, on ``device``) and its spec."""
+    model, spec, _ = _load_folder(paths.TEACHER, "teacher")
+    return model.to(device).eval().requires_grad_(False), spec
+
+
 def load_teachers(cfg: Config, device) -> tuple[nn.Module, dict, list[str]]:
     """(teacher, spec of data/teacher, sha256 of each member's weights). With ``teachers`` empty the
     teacher is data/teacher's own model, else an :class:`Ensemble`; frozen, in eval mode, on ``device``."""

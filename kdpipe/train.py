@@ -46,10 +46,6 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(1) == y.to(logits.device)).float().mean().item()
 
 
-def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
-
-
 def check_finite(stage: str, step: int, **terms) -> None:
     """Stop the stage (FloatingPointError) naming the step and each non-finite loss term."""
     terms = {k: torch.as_tensor(v).detach() for k, v in terms.items()}

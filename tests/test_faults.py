@@ -35,12 +35,7 @@ OVERRIDES = {**TINY, "synthesize": {**TINY["synthesize"], "rounds": 40}, "distil
              "resume": {"every": 1}, "tracking": {"enabled": False}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # golden values are one-thread figures (conftest.py)
 
 
 @pytest.fixture(scope="module")

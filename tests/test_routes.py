@@ -26,12 +26,7 @@ GOLDEN_DEFAULT_STUDENT = "3a1bbd1956af7ca7a39da82c60e77f923430ed9081a874ef644b8e
 HINTS = "distill.hints=[[net.9, net.6]]"  # teacher digits_cnn: 64×4×4 after conv 3; student: 32×4×4 after conv 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # golden values are one-thread figures (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -39,15 +39,7 @@ from kdpipe.teachers import load_teachers
 from kdpipe.resume import Resume
 from kdpipe.train import check_finite, check_weights
 from kdpipe.utils import atomic_path, dvc_md5, sha256_file
-from kdpipe.utils import load_json, load_torch, pick_device, save_figure, save_json, save_torch, seed_everything, sha256_tensors
-
-
-def load_teacher(device) -> tuple[torch.nn.Module, dict]:
-    spec = load_json(paths.TEACHER / "spec.json")
-    teacher = build_model(spec)
-    teacher.load_state_dict(load_torch(paths.TEACHER / "model.pt"))
-    teacher.to(device).eval().requires_grad_(False)
-    return teacher, spec
+from kdpipe.utils import pick_device, save_figure, save_json, save_torch, seed_everything, sha256_tensors
 
 
 def class_entropy(hist: torch.Tensor) -> float:
