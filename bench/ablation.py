@@ -1,6 +1,6 @@
 """Ablation of the data-free parts on one dataset: each row adds one part (SSD-KD's table shape).
 
-    python bench/ablation.py [--config configs/mnist.yaml] [--set key=value ...] [--rows 0,1,4] [--seeds 3]
+    python bench/ablation.py [--config configs/mnist.yaml] [--set key=value ...] [--rows 0,1,4] [--seeds 3] [--first-seed 0]
                              [--tag small]
 
 Runs prepare + train-teacher once in a scratch folder (seed 0: one teacher for every row), then
@@ -75,6 +75,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--rows", default=None, help="comma-separated row numbers (0-based) of ROWS; default all")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per row (synthesize + distill); the teacher is seed 0's")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first_seed .. first_seed + seeds - 1")
     ap.add_argument("--tag", default=None, help="suffix of the results file")
     a = ap.parse_args()
     names = list(ROWS)
@@ -92,7 +93,7 @@ def main() -> int:
     rows = []
     for name in picked:
         extra = ROWS[name]
-        for seed in range(a.seeds):
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
             cfg = load_config(config, base + extra + [f"seed={seed}"])
             t0 = time.perf_counter()
             run_stage("synthesize", cfg)
