@@ -28,12 +28,6 @@ def shift_by(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def random_shift(x: torch.Tensor, max_frac: float = 0.125, generator=None) -> torch.Tensor:
-    """Per-sample random translation by up to ``max_frac`` of the side (zero fill): the
-    pad-and-crop augmentation, batched on the device."""
-    return shift_by(x, random_translations(x.shape[0], max_frac, generator))
-
-
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Logits of ``x`` in batches (fp32), on the model's device (``x`` may stay on the host)."""
