@@ -60,7 +60,7 @@ class BaselineCfg(TrainCfg):
 class SynthesizeCfg(_Section):
     # buffer / schedule
     capacity: int = Field(4096, ge=16)  # synthetic samples kept (SSD-KD: ~10 % of the real set)
-    rounds: int = Field(60, ge=1)  # synthesize-then-distill rounds
+    rounds: int = Field(40, ge=1)  # synthesize-then-distill rounds
     batch_size: int = Field(256, ge=2)  # generated per round (enters the buffer: partial update)
     g_steps: int = Field(5, ge=1)  # generator steps per round (warm-started: Fast-DFKD)
     kd_steps: int = Field(20, ge=0)  # proxy-student KD steps per round (feeds the adversarial term)
@@ -114,7 +114,7 @@ class AlphaScheduleCfg(ScheduleCfg):
 
 
 class DistillCfg(_Section):
-    epochs: int = Field(40, ge=1)
+    epochs: int = Field(10, ge=1)  # from the proxy student (init: synthesis); 40 from scratch (docs/benchmarks.md)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -134,6 +134,9 @@ class DistillCfg(_Section):
     data: Literal["synthetic", "real", "mixed"] = "synthetic"  # data/synthetic | the real train split | both
     real_fraction: float = Field(0.5, gt=0, lt=1)  # mixed: share of each batch drawn from the real train split
     finetune_epochs: int = Field(0, ge=0)  # last phase on hard labels (real ones when data is real|mixed); 0: off
+    # the student's start: "synthesis" = the proxy student trained alongside the generator (Fast-DFKD's student,
+    # data/synthetic/student.pt) on the routes that read the synthetic set; the real route always starts from scratch
+    init: Literal["synthesis", "scratch"] = "synthesis"
     finetune_lr: float = Field(0.01, gt=0)
 
     @model_validator(mode="after")

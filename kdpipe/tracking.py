@@ -207,8 +207,13 @@ def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metr
     import mlflow.onnx
     import onnx
 
+    import onnxruntime
+
     name = cfg.tracking.registered_model
-    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="student", registered_model_name=name)
+    # the requirements are known: pinning them skips MLflow's inference (it imports the model in a subprocess, ~6 s)
+    reqs = [f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
+    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="student", registered_model_name=name,
+                                 pip_requirements=reqs)
     mlflow.log_artifacts(str(pytorch_dir), "student_pytorch")
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
     client = mlflow.MlflowClient()

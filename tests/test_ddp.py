@@ -109,7 +109,7 @@ DISTILL_VARIANTS = {  # every batch-wide part: replay priorities, φ on live tea
 
 def distill_project(root: Path) -> None:
     """A project with data/teacher (digits_cnn trained on the digits subset) and data/synthetic (a
-    stand-in synthetic set: those 299 images as uint8 with the teacher's logits); distill for 2 epochs
+    stand-in synthetic set: those 299 images as uint8 with the teacher's logits, and a proxy student); distill for 2 epochs
     of 3 global batches (128, 128, 43: the last splits 21/22 between the ranks)."""
     spec = {"arch": "digits_cnn", "in_channels": 1, "num_classes": 10, "image_size": 8, "mean": [0.3], "std": [0.4],
             "classes": [str(c) for c in range(10)]}
@@ -123,7 +123,10 @@ def distill_project(root: Path) -> None:
     save_torch(teacher.state_dict(), root / "data/teacher/model.pt")
     save_json(spec, root / "data/teacher/spec.json")
     save_torch({"x": x, "logits": logits}, root / "data/synthetic/samples.pt")
-    save_json({"n": len(x), "sha256": sha256_tensors(x, logits)}, root / "data/synthetic/meta.json")
+    torch.manual_seed(1)  # a stand-in proxy student (untrained): distill starts from it (distill.init: synthesis)
+    save_torch(build_model({**spec, "arch": "digits_cnn_small"}).state_dict(), root / "data/synthetic/student.pt")
+    save_json({"n": len(x), "sha256": sha256_tensors(x, logits), "student_arch": "digits_cnn_small"},
+              root / "data/synthetic/meta.json")
     tree = Config().model_dump(mode="json")
     tree.update(device="cpu", tracking={**tree["tracking"], "enabled": False}, resume={**tree["resume"], "enabled": False},
                 student={"arch": "digits_cnn_small"}, distill={**tree["distill"], "epochs": 2, "batch_size": 128})

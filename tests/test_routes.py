@@ -75,15 +75,36 @@ def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# ------------------------------------------------------------------ default: the same student as before
-def test_default_route_unchanged(proj, base):
-    distill()
+# ------------------------------------------------------------------ from scratch: the same student as before
+def test_scratch_start_gives_the_plain_kd_student(proj, base):
+    distill("distill.init=scratch")
     assert sha256(proj / "data/student/model.pt") == GOLDEN_DEFAULT_STUDENT
     _, run = last_run(base)
     assert run.data.tags["kdpipe.privacy"] == "data-free" and run.data.tags["kdpipe.route"] == "data-free"
     assert [(d.dataset.name, {t.key: t.value for t in d.tags}["kdpipe.data_kind"]) for d in run.inputs.dataset_inputs] \
         == [("synthetic", "synthetic")]
     assert load_json(proj / "data/student/spec.json")["route"] == "data-free"
+
+
+# ------------------------------------------------------------------ default start: the synthesis proxy student
+def test_default_starts_from_the_synthesis_proxy_student(proj):
+    proxy = load_torch(proj / "data/synthetic/student.pt")
+    assert load_json(proj / "data/synthetic/meta.json")["student_arch"] == "digits_cnn_small"
+    distill("distill.epochs=1", "distill.lr=1e-9")  # (almost) no step: the weights stay the proxy's
+    got = load_torch(proj / "data/student/model.pt")
+    weights = [k for k, v in proxy.items() if k.endswith(("weight", "bias"))]
+    assert len(weights) == 8 and max(float((got[k] - proxy[k]).abs().max()) for k in weights) < 1e-6
+    distill("distill.epochs=1", "distill.lr=1e-9", "distill.init=scratch")
+    scratch = load_torch(proj / "data/student/model.pt")
+    assert min(float((scratch[k] - proxy[k]).abs().max()) for k in weights) > 1e-3
+
+
+def test_missing_proxy_student_is_one_clear_error(proj, capsys):
+    (proj / "data/synthetic/student.pt").unlink()
+    assert cli(["distill"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "distill.init=synthesis" in line and "data/synthetic/student.pt" in line and "distill.init=scratch" in line
+    assert cli(["distill", "--set", "distill.init=scratch", "--set", "distill.epochs=1"]) == 0
 
 
 # ------------------------------------------------------------------ real and mixed data

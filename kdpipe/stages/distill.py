@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from kdpipe import accel, dist, paths
 from kdpipe.config import Config
+from kdpipe.data import DataError
 from kdpipe.feature_kd import FeatureKD, combined_loss
 from kdpipe.losses import kd_per_sample
 from kdpipe.models import build_model
@@ -45,7 +46,7 @@ from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import anneal_beta
 from kdpipe.teachers import Ensemble, first_member, guide_logits, hard_labels, load_teachers, target_logits, teacher_logits
 from kdpipe.train import check_finite_steps, check_weights, random_translations, shift_by
-from kdpipe.utils import atomic_path, pick_device, save_json, save_torch, seed_everything, sha256_file
+from kdpipe.utils import atomic_path, load_torch, pick_device, save_json, save_torch, seed_everything, sha256_file
 
 ROUTE = {"synthetic": "data-free", "real": "kd-real", "mixed": "kd-mixed"}  # the kdpipe.route tag
 TERMS = ("total", "kd", "ce", "feature")  # the loss terms kept per step and named when one is NaN/inf
@@ -91,6 +92,17 @@ def check_steps(rows: torch.Tensor, first_step: int, epoch: int) -> None:
     check_finite_steps(f"distill (epoch {epoch})", first_step, **dict(zip(TERMS, rows.unbind(1))))
 
 
+def proxy_start(student: nn.Module, arch: str, meta: dict) -> None:
+    """``distill.init: synthesis``: start from the proxy student the synthesize stage trained alongside its
+    generator on the evolving buffer (Fast-DFKD's student; data/synthetic/student.pt, synthetic data only)."""
+    path = paths.SYNTHETIC / "student.pt"
+    if not path.exists() or meta.get("student_arch") != arch:
+        raise DataError(f"distill.init=synthesis: '{path}' is missing or was trained for student.arch "
+                        f"'{meta.get('student_arch')}', not '{arch}': re-run the synthesize stage "
+                        "(or set distill.init=scratch)")
+    student.load_state_dict(load_torch(path))
+
+
 def run(cfg: Config, tracker) -> dict:
     d, s, speed = cfg.distill, cfg.synthesize, cfg.speed
     g = seed_everything(cfg.seed)
@@ -107,6 +119,8 @@ def run(cfg: Config, tracker) -> dict:
         pools.append(real_pool(teacher, n_real, device))
     spec = {**{k: v for k, v in tspec.items() if k != "arch"}, "arch": cfg.student.arch, "route": ROUTE[d.data]}
     student = build_model(spec).to(device)
+    if d.init == "synthesis" and n_syn:
+        proxy_start(student, cfg.student.arch, meta)
     if speed.compile and d.feature_weight > 0:  # a compiled graph would not run the hint hooks on later calls
         print("[kdpipe] distill: speed.compile is ignored with hints (distill.feature_weight > 0)", flush=True)
         speed = speed.model_copy(update={"compile": False})

@@ -37,7 +37,7 @@ from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import ReplayBuffer, anneal_beta
 from kdpipe.teachers import load_teachers
 from kdpipe.resume import Resume
-from kdpipe.train import check_finite, check_weights
+from kdpipe.train import check_finite_steps, check_weights
 from kdpipe.utils import atomic_path, dvc_md5, sha256_file
 from kdpipe.utils import pick_device, save_figure, save_json, save_torch, seed_everything, sha256_tensors
 
@@ -120,6 +120,7 @@ def run(cfg: Config, tracker) -> dict:
         opt_z = accel.adam([z], s.lr_z, (0.5, 0.999), speed, device) if s.lr_z > 0 else None
         student.eval()
         use_adv = s.w_adv > 0 and r >= s.warmup_rounds
+        terms = []  # per step: the loss terms, kept on the device and checked once per round (no host sync per step)
         for j in range(s.g_steps):
             with accel.autocast(speed, device):
                 x = accel.inputs(fast(z), speed, device)
@@ -132,11 +133,10 @@ def run(cfg: Config, tracker) -> dict:
                 per = per + s.w_adv * adv_term(s_logits, t_logits)
             if s.w_act > 0:
                 per = per + s.w_act * act_term(feats["f"].float())
-            loss_g = (w * per).mean() + ((w if s.phi_ce else 1.0) * ce).mean() + s.w_bn * bn.loss() + s.w_ie * ie_term(t_logits)
-            if not torch.isfinite(loss_g):  # name the (switched-on) terms that are not finite
-                check_finite(f"synthesize (generator, round {r})", r * s.g_steps + j, total=loss_g,
-                             ce=((w if s.phi_ce else 1.0) * ce).mean(), adv_act=(w * per).mean(),
-                             bn=s.w_bn * bn.loss() if s.w_bn else 0.0, ie=s.w_ie * ie_term(t_logits) if s.w_ie else 0.0)
+            l_ce, l_per = ((w if s.phi_ce else 1.0) * ce).mean(), (w * per).mean()
+            l_bn, l_ie = s.w_bn * bn.loss(), s.w_ie * ie_term(t_logits)
+            loss_g = l_per + l_ce + l_bn + l_ie
+            terms.append(torch.stack([loss_g, l_ce, l_per, l_bn, l_ie]).detach())
             opt.zero_grad(set_to_none=True)
             if opt_z:
                 opt_z.zero_grad(set_to_none=True)
@@ -144,6 +144,8 @@ def run(cfg: Config, tracker) -> dict:
             opt.step()
             if opt_z:
                 opt_z.step()
+        check_finite_steps(f"synthesize (generator, round {r})", r * s.g_steps,
+                           **dict(zip(("total", "ce", "adv_act", "bn", "ie"), torch.stack(terms).unbind(1))))
         if s.meta:  # Reptile: θ ← θ + η (θ_fast − θ)
             with torch.no_grad():
                 for p, q in zip(gen.parameters(), fast.parameters()):
@@ -157,20 +159,27 @@ def run(cfg: Config, tracker) -> dict:
         t_gen += time.perf_counter() - tg
         # 3. proxy-student KD from the buffer by prioritized replay
         student.train()
-        for _ in range(s.kd_steps):
+        n = min(s.batch_size, 4 * buf.size)
+        ones = torch.ones(n, device=device)
+        # uniform draws: the round's indices at once; prioritized ones read the priorities the last step refreshed
+        uniform = None if s.priority else torch.randint(buf.size, (s.kd_steps, n), generator=g).to(device)
+        kd_losses, kd_first = [], kd_step
+        for k in range(s.kd_steps):
             beta = anneal_beta(s.beta0, kd_step, kd_total)
-            idx, iw = buf.sample(min(s.batch_size, 4 * buf.size), s.alpha, beta, g, prioritized=s.priority)
+            idx, iw = buf.sample(n, s.alpha, beta, g) if uniform is None else (uniform[k], ones)
             xb, tb = buf.images(idx), buf.logits[idx]
             with accel.autocast(speed, device):
                 sl = student(accel.inputs(xb, speed, device)).float()
             phi = phi_weights(tb, s.phi_gamma, s.phi_clip, buf.class_freq()) if s.phi else 1.0
             loss = distill_loss(sl, tb, s.temperature, 1.0, iw * phi)
-            check_finite(f"synthesize (proxy student, round {r})", kd_step, kd=loss)
+            kd_losses.append(loss.detach())
             opt_s.zero_grad(set_to_none=True)
             loss.backward()
             opt_s.step()
             buf.update_priority(idx, kd_per_sample(sl.detach(), tb, s.temperature))
             kd_step += 1
+        if kd_losses:
+            check_finite_steps(f"synthesize (proxy student, round {r})", kd_first, kd=torch.stack(kd_losses))
         hist = buf.histogram()
         m = {"loss_g": loss_g.item(), "bn": bn.loss().item(),
              "buffer": buf.size, "class_entropy": class_entropy(hist), "hist_min": int(hist.min()),
@@ -181,8 +190,9 @@ def run(cfg: Config, tracker) -> dict:
                                       "opt_s": opt_s.state_dict(), "buffer": buf.state_dict(), "kd_step": kd_step,
                                       "t_gen": t_gen, "bn_prev": [(h.mean_prev, h.var_prev) for h in bn.hooks]}, g)
     bn.remove()
-    accel.plain(gen, speed, device)  # contiguous weights in generator.pt
-    check_weights("synthesize", gen)
+    for m in (gen, student):
+        accel.plain(m, speed, device)  # contiguous weights in generator.pt / student.pt
+        check_weights("synthesize", m)
     wall = time.perf_counter() - t0
 
     # outputs: one DVC-versioned folder
@@ -206,9 +216,11 @@ def run(cfg: Config, tracker) -> dict:
         "wall_s": round(wall, 2),
         "generator_s": round(t_gen, 2),
         "generated": int(s.rounds * s.batch_size),
+        "student_arch": cfg.student.arch,
     }
     save_json(meta, paths.SYNTHETIC / "meta.json")
     save_torch(gen.state_dict(), paths.SYNTHETIC / "generator.pt")
+    save_torch(student.state_dict(), paths.SYNTHETIC / "student.pt")  # the proxy: distill's start (distill.init)
     tracker.log_metrics({"n_samples": meta["n"], "final_class_entropy": meta["class_entropy"],
                          "teacher_confidence": meta["teacher_confidence"], "wall_s": wall})
     tracker.set_tags({"synthetic.sha256": digest, "synthetic.dvc_md5": dvc_md5(paths.SYNTHETIC),

@@ -107,7 +107,8 @@ class ReplayBuffer:
         return prioritized_sample(self.priority[: self.size], n, alpha, beta, generator)
 
     def update_priority(self, idx: torch.Tensor, kl: torch.Tensor, eps: float = 1e-3) -> None:
-        self.priority[idx] = kl.detach().float() + eps
+        # a non-finite KL (a diverged step, stopped by the stage's loss check) must not break the sampler first
+        self.priority[idx] = torch.nan_to_num(kl.detach().float(), nan=0.0, posinf=0.0) + eps
 
     def state(self) -> dict:
         s = self.size
