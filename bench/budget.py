@@ -1,0 +1,84 @@
+"""Synthesis budget × distill epochs, over seeds: how short can the default pipeline be?
+
+    python bench/budget.py [--rounds 30,40,60] [--epochs 5,10,20] [--seeds 3] [--set key=value ...] [--tag t]
+
+In a scratch folder (tracking and resume off): prepare, train-teacher and baseline once (seed 0), then per
+seed and per ``synthesize.rounds`` one synthesize, and per ``distill.epochs`` one distill -> evaluate
+(the student starts from the proxy student of that synthesis, ``distill.init: synthesis``, unless --set
+says otherwise). Writes bench/results/budget-<data>[-<tag>].json and prints mean accuracy per cell.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    import torch
+
+    from kdpipe.config import load_config
+    from kdpipe.stages import run_stage
+    from kdpipe.utils import load_json
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--rounds", default="30,40,60")
+    ap.add_argument("--epochs", default="5,10,20")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tag", default=None)
+    a = ap.parse_args()
+    config = str(Path(a.config).resolve())
+    os.chdir(tempfile.mkdtemp(prefix="kdpipe-budget-"))
+    base = a.overrides + ["tracking.enabled=false", "resume.enabled=false"]
+    cfg = load_config(config, base)
+    for stage in ("prepare", "train-teacher", "baseline"):
+        run_stage(stage, cfg)
+    rows = []
+    for seed in range(a.seeds):
+        for rounds in map(int, a.rounds.split(",")):
+            c = load_config(config, base + [f"seed={seed}", f"synthesize.rounds={rounds}"])
+            t = time.perf_counter()
+            run_stage("synthesize", c)
+            ts = time.perf_counter() - t
+            for epochs in map(int, a.epochs.split(",")):
+                c = load_config(config, base + [f"seed={seed}", f"synthesize.rounds={rounds}", f"distill.epochs={epochs}"])
+                t = time.perf_counter()
+                run_stage("distill", c)
+                td = time.perf_counter() - t
+                run_stage("evaluate", load_config(config, base))
+                m = load_json("data/reports/metrics.json")
+                rows.append({"seed": seed, "rounds": rounds, "epochs": epochs, "acc": m["student"]["accuracy"],
+                             "teacher": m["teacher"]["accuracy"], "synthesize_s": round(ts, 1), "distill_s": round(td, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    out = {"data": cfg.data.name, "overrides": a.overrides, "commit": commit, "date": date.today().isoformat(),
+           "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+           if not torch.cuda.is_available() else torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    res = ROOT / "bench" / "results" / f"budget-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json"
+    res.write_text(json.dumps(out, indent=2) + "\n")
+    print("\n| synthesize rounds | distill epochs | student acc (mean ± std over seeds) | synthesize s | distill s |\n|---|---|---|---|---|")
+    for rounds in dict.fromkeys(r["rounds"] for r in rows):
+        for epochs in dict.fromkeys(r["epochs"] for r in rows):
+            g = [r for r in rows if r["rounds"] == rounds and r["epochs"] == epochs]
+            acc = [r["acc"] for r in g]
+            sd = f" ± {statistics.stdev(acc):.4f}" if len(acc) > 1 else ""
+            print(f"| {rounds} | {epochs} | {statistics.mean(acc):.4f}{sd} | "
+                  f"{statistics.mean(r['synthesize_s'] for r in g):.1f} | {statistics.mean(r['distill_s'] for r in g):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
