@@ -134,10 +134,10 @@ class DistillCfg(_Section):
     data: Literal["synthetic", "real", "mixed"] = "synthetic"  # data/synthetic | the real train split | both
     real_fraction: float = Field(0.5, gt=0, lt=1)  # mixed: share of each batch drawn from the real train split
     finetune_epochs: int = Field(0, ge=0)  # last phase on hard labels (real ones when data is real|mixed); 0: off
+    finetune_lr: float = Field(0.01, gt=0)
     # the student's start: "synthesis" = the proxy student trained alongside the generator (Fast-DFKD's student,
     # data/synthetic/student.pt) on the routes that read the synthetic set; the real route always starts from scratch
     init: Literal["synthesis", "scratch"] = "synthesis"
-    finetune_lr: float = Field(0.01, gt=0)
 
     @model_validator(mode="after")
     def _hints(self):

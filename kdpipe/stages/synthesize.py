@@ -11,7 +11,10 @@ Each round (Fast-Datafree's rhythm, with SSD-KD's balancing and replay):
      (optionally a Reptile meta update: θ ← θ + η(θ_fast − θ));
   2. the round's samples enter the buffer (partial update; balanced eviction);
   3. kd_steps of a proxy student drawn from the buffer by prioritized replay, refreshing priorities;
-     the proxy student is what the adversarial term plays against.
+     the proxy student is what the adversarial term plays against, and what distill starts from
+     (data/synthetic/student.pt, ``distill.init``: Fast-DFKD's student, trained on every round's samples).
+No host sync per step: the loss terms of a round's steps stay on the device and are checked once per round
+(with ``priority`` the sampler reads the refreshed priorities on the host at each KD step anyway).
 Speed knobs (kdpipe/accel.py): bf16 autocast of the generator, teacher and proxy-student forwards on
 CUDA (losses and the BN prior in fp32; the images and logits that enter the buffer are computed in
 fp32), channels_last, fused Adam/SGD. One process: under torchrun rank 0 alone runs it.
@@ -190,9 +193,9 @@ def run(cfg: Config, tracker) -> dict:
                                       "opt_s": opt_s.state_dict(), "buffer": buf.state_dict(), "kd_step": kd_step,
                                       "t_gen": t_gen, "bn_prev": [(h.mean_prev, h.var_prev) for h in bn.hooks]}, g)
     bn.remove()
-    for m in (gen, student):
-        accel.plain(m, speed, device)  # contiguous weights in generator.pt / student.pt
-        check_weights("synthesize", m)
+    for net in (gen, student):
+        accel.plain(net, speed, device)  # contiguous weights in generator.pt / student.pt
+        check_weights("synthesize", net)
     wall = time.perf_counter() - t0
 
     # outputs: one DVC-versioned folder
