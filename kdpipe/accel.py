@@ -58,7 +58,8 @@ def train_module(model: nn.Module, speed: SpeedCfg, device: torch.device) -> nn.
 
 
 def frozen_module(model: nn.Module, speed: SpeedCfg, device: torch.device) -> nn.Module:
-    """A model that only runs forward (the teacher): the chosen memory format, in place."""
+    """A model not wrapped for training (no DDP, no compile): the chosen memory format, in place. The
+    teacher; in synthesize also the generator and proxy student, which one process trains as they are."""
     if memory_format(speed, device) is torch.channels_last:
         model.to(memory_format=torch.channels_last)
     return model

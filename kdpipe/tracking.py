@@ -206,7 +206,6 @@ def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metr
     import mlflow
     import mlflow.onnx
     import onnx
-
     import onnxruntime
 
     name = cfg.tracking.registered_model
