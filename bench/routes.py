@@ -2,6 +2,7 @@
 data-free + INT8, with the INT8 model's size and CPU latency next to FP32.
 
     python bench/routes.py --config configs/mnist.yaml --set data.root=/path/to/mnist [--set ...] [--tag cpu]
+        [--route-set kd-real:distill.temperature=10 ...]   (an override for one route only)
 
 In a scratch folder (tracking off): prepare, train-teacher, baseline (the student from scratch on the
 real data), synthesize, then per route distill -> evaluate -> export. The teacher, the baseline and the
@@ -35,6 +36,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "params.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--route-set", dest="route_overrides", action="append", default=[], metavar="ROUTE:KEY=VALUE")
     ap.add_argument("--routes", default="kd-real,data-free")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--tag", default=None)
@@ -54,9 +56,14 @@ def main() -> int:
 
     for name in ("prepare", "train-teacher", "baseline", "synthesize"):
         stage(name, cfg)
-    out = {"data": cfg.data.name, "config": Path(a.config).name, "overrides": a.overrides, "walls_s": walls, "routes": {}}
+    out = {"data": cfg.data.name, "config": Path(a.config).name, "overrides": a.overrides,
+           "route_overrides": a.route_overrides, "walls_s": walls, "routes": {}}
+    per_route = {}
+    for item in a.route_overrides:
+        route, _, kv = item.partition(":")
+        per_route.setdefault(route, []).append(kv)
     for route in a.routes.split(","):
-        c = load_config(config, base + ROUTES[route])
+        c = load_config(config, base + ROUTES[route] + per_route.get(route, []))
         for name in ("distill", "evaluate", "export"):
             stage(name, c)
         m, e = load_json("data/reports/metrics.json"), load_json("data/export/metrics.json")
@@ -74,7 +81,7 @@ def main() -> int:
                torch=torch.__version__, commit=commit, date=date.today().isoformat())
     res = ROOT / "bench" / "results" / f"routes-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json"
     res.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\n{out['data']} ({out['config']} {' '.join(a.overrides)}); {out['device']}; torch {out['torch']}; "
+    print(f"\n{out['data']} ({out['config']} {' '.join(a.overrides + a.route_overrides)}); {out['device']}; torch {out['torch']}; "
           f"commit {commit}; {out['date']}\n")
     print("| route | student test acc | ONNX size (bytes) | latency b1 / b64 (ms, 1 thread) |\n|---|---|---|---|")
     print(f"| teacher | {out['teacher']:.4f} | | |")

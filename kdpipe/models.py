@@ -49,6 +49,17 @@ def digits_cnn_small(in_channels: int, num_classes: int) -> nn.Sequential:
     )
 
 
+def cnn_small(in_channels: int, num_classes: int, width: int = 16) -> nn.Sequential:
+    """A small plain CNN for 32×32 images (the seeds' CIFAR-10 "CNN student"): 3 conv-BN-ReLU-maxpool
+    blocks of width w, 2w, 4w (32 → 16 → 8 → 4 px), global average pool, linear. w=16: 24 k parameters."""
+    w = width
+    return nn.Sequential(
+        *_conv_bn(in_channels, w), nn.MaxPool2d(2), *_conv_bn(w, 2 * w), nn.MaxPool2d(2),
+        *_conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes),
+    )
+
+
 def lenet5(in_channels: int, num_classes: int, width: float = 1.0) -> nn.Sequential:
     """LeNet-5 on 32×32 input (as DAFL/DFAD), with BatchNorm after each conv so the teacher carries
     the feature statistics that BN-prior synthesis matches. width=0.5 is LeNet-5-half."""
@@ -124,11 +135,34 @@ def resnet_cifar(layers: list[int], in_channels: int, num_classes: int) -> nn.Mo
     return net
 
 
+def resnet_he(n: int, in_channels: int, num_classes: int) -> nn.Module:
+    """ResNet-(6n+2) for 32×32 (He et al. 2016, §4.2; CRD's resnet8/resnet20): conv3×3(16) → 3 stages of n
+    torchvision BasicBlocks, widths 16, 32, 64, strides 1, 2, 2 (1×1-conv projection shortcuts, option B) →
+    global average pool → linear. ResNet-8: 78 k parameters; ResNet-20: 0.27 M."""
+    from torchvision.models.resnet import BasicBlock
+
+    layers, cin = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)], 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(n):
+            s = stride if i == 0 else 1
+            down = None if (s == 1 and cin == cout) else nn.Sequential(nn.Conv2d(cin, cout, 1, s, bias=False), nn.BatchNorm2d(cout))
+            layers.append(BasicBlock(cin, cout, s, down))
+            cin = cout
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
 ZOO = {
+    "cnn_small": cnn_small,
     "digits_cnn": digits_cnn,
     "digits_cnn_small": digits_cnn_small,
     "lenet5": lenet5,
     "lenet5_half": lambda c, n: lenet5(c, n, width=0.5),
+    "resnet8": lambda c, n: resnet_he(1, c, n),
+    "resnet20": lambda c, n: resnet_he(3, c, n),
     "resnet18_cifar": lambda c, n: resnet_cifar([2, 2, 2, 2], c, n),
     "resnet34_cifar": lambda c, n: resnet_cifar([3, 4, 6, 3], c, n),
     "wrn16_1": lambda c, n: WideResNet(16, 1, c, n),

@@ -53,6 +53,7 @@ def test_grey_input_into_torchvision_net():
 @pytest.mark.parametrize("arch, published", [
     ("wrn40_2", 2.24e6), ("wrn16_2", 0.70e6),  # Zagoruyko & Komodakis 2016; CRD / Fast-Datafree tables
     ("resnet18_cifar", 11.17e6), ("resnet34_cifar", 21.28e6),  # CIFAR ResNets, 10 classes
+    ("resnet20", 0.27e6),  # He et al. 2016, Table 6
 ])
 def test_parameter_counts_match_published(arch, published):
     n = sum(p.numel() for p in build_model(spec(arch)).parameters())
