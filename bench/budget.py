@@ -1,9 +1,10 @@
 """Synthesis budget × distill epochs, over seeds: how short can the default pipeline be?
 
-    python bench/budget.py [--rounds 30,40,60] [--epochs 5,10,20] [--seeds 3] [--set key=value ...] [--tag t]
+    python bench/budget.py [--rounds 30,40,60] [--epochs 5,10,20] [--g-steps 2,3,5] [--seeds 3] [--set key=value ...] [--tag t]
 
 In a scratch folder (tracking and resume off): prepare, train-teacher and baseline once (seed 0), then per
-seed and per ``synthesize.rounds`` one synthesize, and per ``distill.epochs`` one distill -> evaluate
+seed, per ``synthesize.g_steps`` (Fast-DFKD's Fast-2/5/10 knob; default: the config's) and per
+``synthesize.rounds`` one synthesize, and per ``distill.epochs`` one distill -> evaluate
 (the student starts from the proxy student of that synthesis, ``distill.init: synthesis``, unless --set
 says otherwise). Writes bench/results/budget-<data>[-<tag>].json and prints mean accuracy per cell.
 """
@@ -37,6 +38,7 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--rounds", default="30,40,60")
     ap.add_argument("--epochs", default="5,10,20")
+    ap.add_argument("--g-steps", default=None, help="synthesize.g_steps values (default: the config's)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tag", default=None)
     a = ap.parse_args()
@@ -47,36 +49,37 @@ def main() -> int:
     for stage in ("prepare", "train-teacher", "baseline"):
         run_stage(stage, cfg)
     rows = []
+    g_steps = list(map(int, a.g_steps.split(","))) if a.g_steps else [cfg.synthesize.g_steps]
     for seed in range(a.seeds):
-        for rounds in map(int, a.rounds.split(",")):
-            c = load_config(config, base + [f"seed={seed}", f"synthesize.rounds={rounds}"])
-            t = time.perf_counter()
-            run_stage("synthesize", c)
-            ts = time.perf_counter() - t
-            for epochs in map(int, a.epochs.split(",")):
-                c = load_config(config, base + [f"seed={seed}", f"synthesize.rounds={rounds}", f"distill.epochs={epochs}"])
+        for gs in g_steps:
+            for rounds in map(int, a.rounds.split(",")):
+                syn = [f"seed={seed}", f"synthesize.g_steps={gs}", f"synthesize.rounds={rounds}"]
                 t = time.perf_counter()
-                run_stage("distill", c)
-                td = time.perf_counter() - t
-                run_stage("evaluate", load_config(config, base))
-                m = load_json("data/reports/metrics.json")
-                rows.append({"seed": seed, "rounds": rounds, "epochs": epochs, "acc": m["student"]["accuracy"],
-                             "teacher": m["teacher"]["accuracy"], "synthesize_s": round(ts, 1), "distill_s": round(td, 1)})
-                print(json.dumps(rows[-1]), flush=True)
+                run_stage("synthesize", load_config(config, base + syn))
+                ts = time.perf_counter() - t
+                for epochs in map(int, a.epochs.split(",")):
+                    t = time.perf_counter()
+                    run_stage("distill", load_config(config, base + syn + [f"distill.epochs={epochs}"]))
+                    td = time.perf_counter() - t
+                    run_stage("evaluate", load_config(config, base))
+                    m = load_json("data/reports/metrics.json")
+                    rows.append({"seed": seed, "g_steps": gs, "rounds": rounds, "epochs": epochs, "acc": m["student"]["accuracy"],
+                                 "teacher": m["teacher"]["accuracy"], "synthesize_s": round(ts, 1), "distill_s": round(td, 1)})
+                    print(json.dumps(rows[-1]), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     out = {"data": cfg.data.name, "overrides": a.overrides, "commit": commit, "date": date.today().isoformat(),
            "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
            if not torch.cuda.is_available() else torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     res = ROOT / "bench" / "results" / f"budget-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json"
     res.write_text(json.dumps(out, indent=2) + "\n")
-    print("\n| synthesize rounds | distill epochs | student acc (mean ± std over seeds) | synthesize s | distill s |\n|---|---|---|---|---|")
-    for rounds in dict.fromkeys(r["rounds"] for r in rows):
-        for epochs in dict.fromkeys(r["epochs"] for r in rows):
-            g = [r for r in rows if r["rounds"] == rounds and r["epochs"] == epochs]
-            acc = [r["acc"] for r in g]
-            sd = f" ± {statistics.stdev(acc):.4f}" if len(acc) > 1 else ""
-            print(f"| {rounds} | {epochs} | {statistics.mean(acc):.4f}{sd} | "
-                  f"{statistics.mean(r['synthesize_s'] for r in g):.1f} | {statistics.mean(r['distill_s'] for r in g):.1f} |")
+    print("\n| g_steps | synthesize rounds | distill epochs | student acc (mean ± std over seeds) | per seed | synthesize s | distill s |"
+          "\n|---|---|---|---|---|---|---|")
+    for cell in dict.fromkeys((r["g_steps"], r["rounds"], r["epochs"]) for r in rows):
+        g = [r for r in rows if (r["g_steps"], r["rounds"], r["epochs"]) == cell]
+        acc = [r["acc"] for r in g]
+        sd = f" ± {statistics.stdev(acc):.4f}" if len(acc) > 1 else ""
+        print(f"| {' | '.join(map(str, cell))} | {statistics.mean(acc):.4f}{sd} | {' / '.join(f'{x:.4f}' for x in acc)} | "
+              f"{statistics.mean(r['synthesize_s'] for r in g):.1f} | {statistics.mean(r['distill_s'] for r in g):.1f} |")
     return 0
 
 
