@@ -119,7 +119,6 @@ def main() -> int:
     cfg = cfg_for([])
     device = pick_device(cfg.device)
     run_stage("prepare", cfg)
-    import matplotlib.pyplot  # noqa: F401  (synthesize imports it on first use: keep that out of the timings)
     meta = data.load_meta()
     n_train = meta["splits"]["train"]["n"]
     x_all, y_all = data.load_split("train", device)

@@ -61,7 +61,7 @@ def _stage(name: str, cfg) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from kdpipe.config import ConfigError, load_config
-    from kdpipe.data import DataError
+    from kdpipe.errors import DataError
     from kdpipe.pipeline import StageFailed
 
     args = _parser().parse_args(argv)

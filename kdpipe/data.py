@@ -13,13 +13,10 @@ import torch
 
 from kdpipe import paths
 from kdpipe.config import Config, ConfigError
+from kdpipe.errors import DataError  # noqa: F401  (kdpipe.data.DataError, as before)
 from kdpipe.utils import load_json, load_torch, save_json, save_torch, sha256_tensors
 
 IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
-
-
-class DataError(ValueError):
-    """Bad input data, phrased for the user (names the path)."""
 
 
 _DATA_FREE: ContextVar[tuple[str, bool] | None] = ContextVar("kdpipe_data_free", default=None)

@@ -20,7 +20,6 @@ from pathlib import Path
 import yaml
 
 from kdpipe.config import Config
-from kdpipe.utils import dvc_md5, pick_device
 
 PARENT_ENV = "KDPIPE_PARENT_RUN_ID"
 PREFECT_ENV = "KDPIPE_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow; tags every stage run
@@ -93,6 +92,8 @@ class Tracker:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
 
+        from kdpipe.utils import dvc_md5
+
         ds = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name, digest=dvc_md5(path))
         self.mlflow.log_input(ds, context=context, tags={"kdpipe.data_kind": kind})
 
@@ -164,6 +165,8 @@ def stage_run(cfg: Config, stage: str):
         tag_dvc_lock(parent)  # the stages before this one, whose dvc.lock entries now exist
     tags = {"kdpipe.stage": stage, "kdpipe.params_sha256": cfg.digest(), **git_state(),
             **({"prefect.flow_run_id": os.environ[PREFECT_ENV]} if os.environ.get(PREFECT_ENV) else {})}
+    from kdpipe.utils import pick_device  # torch: stage processes only (kdpipe run drives dvc without it)
+
     gpu = pick_device(cfg.device).type == "cuda"  # system metrics (GPU utilisation, memory) on GPU stages
     status = "FAILED"
     try:

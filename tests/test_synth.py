@@ -112,3 +112,24 @@ def test_buffer_fifo_eviction_keeps_the_newest():
     buf.add(torch.rand(3, 1, 1, 1), onehot(0, 3))
     buf.add(torch.rand(3, 1, 1, 1), onehot(0, 3))
     assert sorted(buf.age[: buf.size].tolist()) == [2, 3, 4, 5]
+
+
+def test_sample_grid_puts_each_sample_in_its_class_row(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from kdpipe.stages.synthesize import sample_grid
+
+    # class c's samples are all of grey level 25·(c+1); class 2 has none
+    labels = torch.tensor([0, 1, 0, 1, 3, 3, 3])
+    x = (25 * (labels + 1)).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    sample_grid(x, labels, ["zero", "one", "two", "three"], tmp_path / "grid.png", per_class=3)
+    img = torch.tensor(np.array(Image.open(tmp_path / "grid.png").convert("L")))
+    k, pad = 4, 2  # 8 px enlarged to 32; 2 px between cells
+    label_w = 8 * len("three") + 4
+    assert img.shape == (4 * (32 + pad) + pad, label_w + 3 * (32 + pad) + pad)
+    for c, n in enumerate([2, 2, 0, 3]):
+        row = img[pad + c * (32 + pad) + 16]  # the middle line of the row
+        cells = [int(row[label_w + j * (32 + pad) + pad + 16]) for j in range(3)]
+        assert cells == [25 * (c + 1)] * n + [255] * (3 - n)  # its samples, then white
+        assert (img[pad + c * (32 + pad): pad + c * (32 + pad) + 32, :label_w] < 128).any()  # the class name
