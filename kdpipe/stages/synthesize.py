@@ -123,7 +123,7 @@ def run(cfg: Config, tracker) -> dict:
         fast = copy.deepcopy(gen) if s.meta else gen
         opt = accel.adam(fast.parameters(), s.lr_g, (0.5, 0.999), speed, device) if s.meta else opt_g
         opt_z = accel.adam([z], s.lr_z, (0.5, 0.999), speed, device) if s.lr_z > 0 else None
-        student.eval()
+        student.eval().requires_grad_(False)  # the adversarial term needs grads through it, not of its weights
         use_adv = s.w_adv > 0 and r >= s.warmup_rounds
         terms = []  # per step: the loss terms, kept on the device and checked once per round (no host sync per step)
         for j in range(s.g_steps):
@@ -163,7 +163,7 @@ def run(cfg: Config, tracker) -> dict:
             buf.add(xq, teacher(xq))
         t_gen += time.perf_counter() - tg
         # 3. proxy-student KD from the buffer by prioritized replay
-        student.train()
+        student.train().requires_grad_(True)
         n = min(s.batch_size, 4 * buf.size)
         ones = torch.ones(n, device=device)
         # uniform draws: the round's indices at once; prioritized ones read the priorities the last step refreshed
