@@ -59,7 +59,7 @@ def sample_grid(x: torch.Tensor, labels: torch.Tensor, classes: list[str], path,
     from PIL import Image, ImageDraw
 
     classes = classes[:max_classes]
-    n, ch, h, w = x.shape
+    h, w = x.shape[-2:]
     k, pad, label_w = max(1, 32 // max(h, w)), 2, 8 * max(len(str(c)) for c in classes) + 4
     cell_h, cell_w = h * k + pad, w * k + pad
     canvas = Image.new("RGB", (label_w + per_class * cell_w + pad, len(classes) * cell_h + pad), "white")
