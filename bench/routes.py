@@ -47,6 +47,13 @@ def main() -> int:
     os.chdir(work)
     base = a.overrides + ["tracking.enabled=false"]
     cfg = load_config(config, base)
+    per_route = {}  # --route-set, checked (with each route's whole config) before any stage runs
+    for item in a.route_overrides:
+        route, _, kv = item.partition(":")
+        if route not in ROUTES or not kv:
+            ap.error(f"--route-set {item!r}: want ROUTE:KEY=VALUE with ROUTE one of {', '.join(ROUTES)}")
+        per_route.setdefault(route, []).append(kv)
+    route_cfgs = {r: load_config(config, base + ROUTES[r] + per_route.get(r, [])) for r in a.routes.split(",")}
     walls = {}
 
     def stage(name, c):
@@ -58,12 +65,7 @@ def main() -> int:
         stage(name, cfg)
     out = {"data": cfg.data.name, "config": Path(a.config).name, "overrides": a.overrides,
            "route_overrides": a.route_overrides, "walls_s": walls, "routes": {}}
-    per_route = {}
-    for item in a.route_overrides:
-        route, _, kv = item.partition(":")
-        per_route.setdefault(route, []).append(kv)
-    for route in a.routes.split(","):
-        c = load_config(config, base + ROUTES[route] + per_route.get(route, []))
+    for route, c in route_cfgs.items():
         for name in ("distill", "evaluate", "export"):
             stage(name, c)
         m, e = load_json("data/reports/metrics.json"), load_json("data/export/metrics.json")
