@@ -1,12 +1,12 @@
 """INT8 vs FP32 latency of a student architecture with onnxruntime, per quantization variant and per op.
 
-    python bench/int8.py [--arch lenet5_half] [--channels 1] [--size 32] [--batch 64] [--runs 50]
+    python bench/int8.py [--arch lenet5_half] [--channels 1] [--size 32] [--batch 64] [--runs 50] [--tag t]
 
 Latency does not depend on the weight values, so the model is the architecture at its random init
 (exported by the export stage's own code, quantized by kdpipe/quantize.py's settings and variants of
 them, calibrated on random images). One thread, median of --runs calls after 3 warm-ups. The per-op
 table is onnxruntime's profiler (mean µs per run of each node's kernel). Writes
-bench/results/int8-<arch>-cpu.json and prints a markdown table.
+bench/results/int8-<arch>-cpu[-<tag>].json and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--tag", default=None, help="suffix of the results file (e.g. the CPU: avx512)")
     a = ap.parse_args()
     torch.manual_seed(0)
     spec = {"arch": a.arch, "in_channels": a.channels, "num_classes": 10, "image_size": a.size,
@@ -89,7 +90,7 @@ def main() -> int:
     out = {"arch": a.arch, "input": [a.batch, a.channels, a.size, a.size], "onnxruntime": ort.__version__,
            "torch": torch.__version__, "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, 1 thread)",
            "cpu_flags": flags, "commit": commit, "date": date.today().isoformat(), "rows": rows}
-    res = ROOT / "bench" / "results" / f"int8-{a.arch}-cpu.json"
+    res = ROOT / "bench" / "results" / f"int8-{a.arch}-cpu{'-' + a.tag if a.tag else ''}.json"
     res.write_text(json.dumps(out, indent=2) + "\n")
     print(f"{a.arch}, batch {a.batch}; onnxruntime {ort.__version__}; CPU flags {flags}; commit {commit}; {out['date']}\n")
     print("| model | latency (ms) | vs FP32 | slowest ops (µs per run) |\n|---|---|---|---|")
