@@ -187,3 +187,34 @@ def test_int8_export_calibrated_on_synthetic(in_tmp):
     # int8 off: no INT8 model is left beside the new FP32 one
     run_stage("export", cfg.model_copy(update={"export": cfg.export.model_copy(update={"int8": False})}))
     assert not int8.exists() and "int8_accuracy" not in load_json(paths.EXPORT / "metrics.json")
+
+
+@pytest.mark.parametrize("activations,dtype", [("int8", onnx.TensorProto.INT8), ("uint8", onnx.TensorProto.UINT8)])
+def test_int8_activation_type(tmp_path, activations, dtype):
+    """export.int8_activations: every QuantizeLinear of the INT8 model has a zero point of that type (the weights
+    stay INT8); the model says so in its metadata and runs in onnxruntime next to FP32."""
+    import onnxruntime as ort
+
+    from kdpipe.models import build_model
+    from kdpipe.quantize import quantize_int8
+    from kdpipe.stages.export import export_onnx
+
+    torch.manual_seed(0)
+    spec = {"arch": "digits_cnn_small", "in_channels": 1, "num_classes": 10, "image_size": 8,
+            "classes": [str(i) for i in range(10)], "mean": [0.5], "std": [0.25]}
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    export_onnx(build_model(spec).eval(), spec, str(fp32), 18)
+    calib = (torch.rand(64, 1, 8, 8) * 255).to(torch.uint8)
+    quantize_int8(fp32, int8, calib, activations)
+    m = onnx.load(str(int8))
+    inits = {t.name: t for t in m.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    weight_zp = [inits[n.input[2]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                 and inits[n.input[0]].data_type != onnx.TensorProto.INT32]  # the INT32 biases aside
+    assert zero_points and {t.data_type for t in zero_points} == {dtype}
+    assert weight_zp and {t.data_type for t in weight_zp} == {onnx.TensorProto.INT8}
+    assert ("S8S8" if activations == "int8" else "U8S8") in {p.key: p.value for p in m.metadata_props}["quantization"]
+    x = calib[:16].float().div(255).numpy()
+    a = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    b = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert b.shape == a.shape == (16, 10) and np.abs(a - b).max() < 0.5 * np.abs(a).max()

@@ -49,7 +49,7 @@ def export_int8(cfg: Config, fp32_path, x: np.ndarray, y: np.ndarray, fp32_logit
     if not samples.exists():
         raise data.DataError(f"export.int8: calibration samples '{samples}' are missing: run the synthesize stage")
     calib = calibration_subset(load_torch(samples)["x"], cfg.export.calibration_samples, cfg.seed)
-    quantize_int8(fp32_path, path, calib)
+    quantize_int8(fp32_path, path, calib, cfg.export.int8_activations)
     fp32, int8 = session(fp32_path), session(path)
     got = int8.run(["logits"], {"input": x})[0]
     m = {"int8_accuracy": float((got.argmax(1) == y).mean()),
