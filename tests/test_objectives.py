@@ -193,10 +193,8 @@ def test_int8_export_calibrated_on_synthetic(in_tmp):
 def test_int8_activation_type(tmp_path, activations, dtype):
     """export.int8_activations: every QuantizeLinear of the INT8 model has a zero point of that type (the weights
     stay INT8); the model says so in its metadata and runs in onnxruntime next to FP32."""
-    import onnxruntime as ort
-
     from kdpipe.models import build_model
-    from kdpipe.quantize import quantize_int8
+    from kdpipe.quantize import quantize_int8, session
     from kdpipe.stages.export import export_onnx
 
     torch.manual_seed(0)
@@ -215,6 +213,5 @@ def test_int8_activation_type(tmp_path, activations, dtype):
     assert weight_zp and {t.data_type for t in weight_zp} == {onnx.TensorProto.INT8}
     assert ("S8S8" if activations == "int8" else "U8S8") in {p.key: p.value for p in m.metadata_props}["quantization"]
     x = calib[:16].float().div(255).numpy()
-    a = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    b = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    a, b = (session(p).run(None, {"input": x})[0] for p in (fp32, int8))
     assert b.shape == a.shape == (16, 10) and np.abs(a - b).max() < 0.5 * np.abs(a).max()
