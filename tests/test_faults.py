@@ -136,6 +136,8 @@ def _setup(case: str, p: Path) -> list[str]:
         syn = load_torch(p / "data/synthetic/samples.pt")
         save_torch({**syn, "x": syn["x"].flip(-1)}, p / "data/synthetic/samples.pt")
         return ["distill"]
+    elif case == "evaluate: baseline stage not run":  # the reference project ran no baseline
+        return ["evaluate"]
     elif case == "tracking server down":
         with socket.socket() as s:  # a port nobody listens on
             s.bind(("127.0.0.1", 0))
@@ -161,6 +163,7 @@ BAD = {
     "export: student input spec != data": "takes 1x8x8 input",
     "prepared split cut short": "val.pt' does not match its sha256 in 'data/prepared/meta.json'",
     "synthetic set cut short": "samples.pt' does not match the sha256",
+    "evaluate: baseline stage not run": "data/baseline/spec.json' is missing: run the baseline stage first",
     "tracking server down": "is unreachable",
 }
 

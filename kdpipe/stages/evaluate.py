@@ -9,14 +9,25 @@ import torch
 
 from kdpipe import data, paths
 from kdpipe.config import Config
+from kdpipe.errors import DataError
 from kdpipe.models import build_model
 from kdpipe.train import predict
 from kdpipe.utils import sha256_file
 from kdpipe.utils import atomic_path, load_json, load_torch, pick_device, save_figure, save_json
 
 
-def load_model(folder, device):
-    spec = load_json(folder / "spec.json")
+STAGE_OF = {paths.TEACHER: "train-teacher", paths.BASELINE: "baseline", paths.STUDENT: "distill"}  # who writes it
+
+
+def read_spec(folder) -> dict:
+    if not (folder / "spec.json").exists():
+        raise DataError(f"'{folder / 'spec.json'}' is missing: run the {STAGE_OF.get(folder, 'stage that writes it')} "
+                        "stage first")
+    return load_json(folder / "spec.json")
+
+
+def load_model(folder, device, spec: dict | None = None):
+    spec = spec or read_spec(folder)
     if not spec.get("enabled", True):
         return None, spec
     model = build_model(spec)
@@ -57,9 +68,9 @@ def run(cfg: Config, tracker) -> dict:
     C = len(classes)
     models = {"teacher": paths.TEACHER, "student": paths.STUDENT, "baseline": paths.BASELINE}
     preds, metrics = {}, {"n_test": len(y)}
-    specs = {}
+    specs = {name: read_spec(folder) for name, folder in models.items()}  # every input first: fail before any work
     for name, folder in models.items():
-        model, specs[name] = load_model(folder, device)
+        model, _ = load_model(folder, device, specs[name])
         if model is None:
             continue
         p = predict(model, x).argmax(1)
