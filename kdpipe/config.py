@@ -87,6 +87,7 @@ class SynthesizeCfg(_Section):
     priority: bool = False  # prioritized replay δ for the proxy student (off: see docs/benchmarks.md)
     alpha: float = Field(0.6, ge=0)
     beta0: float = Field(0.4, ge=0, le=1)
+    iw_norm: Literal["max", "mean"] = "mean"  # importance weights / their batch mean (the loss keeps its scale) or max (Schaul et al.)
     meta: bool = False  # Reptile-style meta update of the generator (Fast's fast/meta warm start)
     meta_lr: float = Field(0.5, gt=0, le=1)
     kd_lr: float = Field(0.05, gt=0)

@@ -79,8 +79,8 @@ def batch_sizes(route: str, batch: int, real_fraction: float) -> tuple[int, int]
 class Batches:
     """Batches over one or two pools; ``steps`` per epoch = ⌈N_first / B_first⌉."""
 
-    def __init__(self, pools: list[Pool], priority: bool = False, alpha: float = 0.6):
-        self.pools, self.priority, self.alpha = pools, priority, alpha
+    def __init__(self, pools: list[Pool], priority: bool = False, alpha: float = 0.6, iw_norm: str = "max"):
+        self.pools, self.priority, self.alpha, self.iw_norm = pools, priority, alpha, iw_norm
         self.steps = math.ceil(len(pools[0]) / pools[0].batch)
         self.perms: list[torch.Tensor] = []
 
@@ -103,7 +103,7 @@ class Batches:
         idx, iw = [], []
         for p, perm in zip(self.pools, self.perms):
             if self.priority:
-                j, w = prioritized_sample(p.priority, p.batch, self.alpha, beta, g)
+                j, w = prioritized_sample(p.priority, p.batch, self.alpha, beta, g, self.iw_norm)
             else:
                 j, w = perm[i * p.batch : (i + 1) * p.batch], 1.0
             idx.append(j)

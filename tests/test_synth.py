@@ -86,6 +86,13 @@ def test_importance_weights():
     equal = priority_probs(torch.ones(4), 0.6)
     assert torch.allclose(importance_weights(equal, idx, 1.0), torch.ones(4))
     assert anneal_beta(0.4, 0, 10) == 0.4 and anneal_beta(0.4, 10, 10) == 1.0
+    # norm="mean": the same ratios, mean 1 (the uniform sampler's loss scale); golden for P ∝ p^0.6, β 0.7
+    wm = importance_weights(probs, idx, 0.7, norm="mean")
+    assert wm.mean().item() == pytest.approx(1.0)
+    assert torch.allclose(wm / wm.max(), w)
+    ref = (4 * pr ** 0.6 / (pr ** 0.6).sum()) ** -0.7
+    assert torch.allclose(wm, (ref / ref.mean()).float())
+    assert torch.allclose(importance_weights(equal, idx, 1.0, norm="mean"), torch.ones(4))
 
 
 def test_buffer_partial_update_and_balanced_eviction():

@@ -136,7 +136,7 @@ def run(cfg: Config, tracker) -> dict:
     adapters0 = [p.detach().clone() for p in hints.parameters()] if hints else []
     params = (nn.ModuleList([student, hints]) if hints else student).parameters()
     opt = accel.sgd(params, d.lr, d.momentum, d.weight_decay, speed, device)
-    batches = Batches(pools, d.priority, s.alpha)
+    batches = Batches(pools, d.priority, s.alpha, s.iw_norm)
     total = d.epochs * batches.steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=d.lr, total_steps=total, pct_start=0.15)
     # fine-tune phase: hard labels on the real pool when there is one, else on the synthetic set

@@ -171,7 +171,7 @@ def run(cfg: Config, tracker) -> dict:
         kd_losses, kd_first = [], kd_step
         for k in range(s.kd_steps):
             beta = anneal_beta(s.beta0, kd_step, kd_total)
-            idx, iw = buf.sample(n, s.alpha, beta, g) if uniform is None else (uniform[k], ones)
+            idx, iw = buf.sample(n, s.alpha, beta, g, norm=s.iw_norm) if uniform is None else (uniform[k], ones)
             xb, tb = buf.images(idx), buf.logits[idx]
             with accel.autocast(speed, device):
                 sl = student(accel.inputs(xb, speed, device)).float()

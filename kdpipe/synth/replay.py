@@ -9,6 +9,9 @@ Prioritized replay (Schaul et al. 2016), the RL sampler SSD-KD names:
     p_i  = KL(teacher(x_i) ‖ student(x_i)) + ε
     P(i) = p_i^α / Σ_k p_k^α
     w_i  = (N · P(i))^(−β) / max_j w_j      (β annealed β₀ → 1; max over the drawn batch)
+With ``norm="mean"`` the weights are divided by their batch mean instead (mean 1): the same relative
+correction, but the loss keeps the uniform sampler's scale, where /max shrinks every step by the mean
+of w/max (0.4-0.7 measured on digits) and so lowers the effective learning rate.
 """
 from __future__ import annotations
 
@@ -20,17 +23,17 @@ def priority_probs(priorities: torch.Tensor, alpha: float) -> torch.Tensor:
     return p / p.sum()
 
 
-def importance_weights(probs: torch.Tensor, idx: torch.Tensor, beta: float) -> torch.Tensor:
+def importance_weights(probs: torch.Tensor, idx: torch.Tensor, beta: float, norm: str = "max") -> torch.Tensor:
     w = (probs.numel() * probs[idx]) ** (-beta)
-    return (w / w.max()).float()
+    return (w / (w.max() if norm == "max" else w.mean())).float()
 
 
 def prioritized_sample(priorities: torch.Tensor, n: int, alpha: float, beta: float,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       generator: torch.Generator | None = None, norm: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``n`` indices (with replacement) with P(i) ∝ p_i^α; return (indices, importance weights)."""
     probs = priority_probs(priorities, alpha)
     idx = torch.multinomial(probs.cpu().float(), n, replacement=True, generator=generator).to(priorities.device)
-    return idx, importance_weights(probs, idx, beta)
+    return idx, importance_weights(probs, idx, beta, norm)
 
 
 def anneal_beta(beta0: float, step: int, total: int) -> float:
@@ -100,11 +103,11 @@ class ReplayBuffer:
         self.age[slots] = torch.arange(self.clock, self.clock + n, device=self.x.device)
         self.clock += n
 
-    def sample(self, n: int, alpha: float, beta: float, generator=None, prioritized: bool = True):
+    def sample(self, n: int, alpha: float, beta: float, generator=None, prioritized: bool = True, norm: str = "max"):
         if not prioritized:
             idx = torch.randint(self.size, (n,), generator=generator).to(self.x.device)
             return idx, torch.ones(n, device=self.x.device)
-        return prioritized_sample(self.priority[: self.size], n, alpha, beta, generator)
+        return prioritized_sample(self.priority[: self.size], n, alpha, beta, generator, norm)
 
     def update_priority(self, idx: torch.Tensor, kl: torch.Tensor, eps: float = 1e-3) -> None:
         # a non-finite KL (a diverged step, stopped by the stage's loss check) must not break the sampler first
