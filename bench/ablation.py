@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._info import run_info, write_result  # noqa: E402
 
 OFF = ["synthesize.w_bn=0", "synthesize.w_adv=0", "synthesize.w_ie=0", "synthesize.phi=false", "distill.phi=false",
        "synthesize.priority=false", "distill.priority=false", "synthesize.balanced_targets=false",
@@ -111,16 +110,10 @@ def main() -> int:
                          "kept": syn["n"], "synthesized": syn["generated"],
                          "synthesize_s": round(t1 - t0, 1), "distill_s": round(t2 - t1, 1)})
             print(json.dumps(rows[-1]), flush=True)
-    import torch
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     out = {"data": cfg.data.name, "config": Path(a.config).name, "overrides": a.overrides, "teacher_acc": teacher_acc,
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-           "torch": torch.__version__, "commit": commit, "date": date.today().isoformat(), "seeds": a.seeds, "rows": rows}
-    res = ROOT / "bench" / "results" / f"ablation-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json"
-    res.parent.mkdir(parents=True, exist_ok=True)
-    res.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\n{cfg.data.name}: teacher {teacher_acc:.4f}; device {out['device']}; torch {out['torch']}; commit {commit}; {out['date']}\n")
+           **run_info(), "seeds": a.seeds, "rows": rows}
+    write_result(out, f"ablation-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json")
+    print(f"\n{cfg.data.name}: teacher {teacher_acc:.4f}; device {out['device']}; torch {out['torch']}; commit {out['commit']}; {out['date']}\n")
     print(table(rows))
     return 0
 

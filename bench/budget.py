@@ -15,22 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._info import run_info, write_result  # noqa: E402
+
 
 def main() -> int:
-    import torch
-
     from kdpipe.config import load_config
     from kdpipe.stages import run_stage
     from kdpipe.utils import load_json
@@ -70,12 +67,8 @@ def main() -> int:
                 rows.append({"seed": seed, "g_steps": gs, "kd_steps": ks, "rounds": rounds, "epochs": epochs, "acc": m["student"]["accuracy"],
                              "teacher": m["teacher"]["accuracy"], "synthesize_s": round(ts, 1), "distill_s": round(td, 1)})
                 print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    out = {"data": cfg.data.name, "overrides": a.overrides, "commit": commit, "date": date.today().isoformat(),
-           "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-           if not torch.cuda.is_available() else torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    res = ROOT / "bench" / "results" / f"budget-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json"
-    res.write_text(json.dumps(out, indent=2) + "\n")
+    out = {"data": cfg.data.name, "overrides": a.overrides, **run_info(), "rows": rows}
+    write_result(out, f"budget-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json")
     print("\n| g_steps | kd_steps | synthesize rounds | distill epochs | student acc (mean ± std over seeds) | per seed |"
           " synthesize s | distill s |\n|---|---|---|---|---|---|---|---|")
     key = lambda r: (r["g_steps"], r["kd_steps"], r["rounds"], r["epochs"])  # noqa: E731

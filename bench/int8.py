@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._info import run_info, write_result  # noqa: E402
 
 
 def op_profile(path: str, x, runs: int) -> dict:
@@ -84,15 +82,12 @@ def main() -> int:
         path = str(tmp / f"int8_{i}.onnx")
         quantize_static(pre, path, SyntheticReader(calib), per_channel=True, weight_type=QuantType.QInt8, **kw)
         rows.append({"model": name, "latency_ms": latency_ms(session(path), x, a.runs), "ops_us": op_profile(path, x, a.runs)})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     flags = sorted({f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
                     if f in Path("/proc/cpuinfo").read_text().split()}) if Path("/proc/cpuinfo").exists() else []
     out = {"arch": a.arch, "input": [a.batch, a.channels, a.size, a.size], "onnxruntime": ort.__version__,
-           "torch": torch.__version__, "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, 1 thread)",
-           "cpu_flags": flags, "commit": commit, "date": date.today().isoformat(), "rows": rows}
-    res = ROOT / "bench" / "results" / f"int8-{a.arch}-cpu{'-' + a.tag if a.tag else ''}.json"
-    res.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"{a.arch}, batch {a.batch}; onnxruntime {ort.__version__}; CPU flags {flags}; commit {commit}; {out['date']}\n")
+           **run_info(threads=1), "cpu_flags": flags, "rows": rows}  # onnxruntime on one thread
+    write_result(out, f"int8-{a.arch}-cpu{'-' + a.tag if a.tag else ''}.json")
+    print(f"{a.arch}, batch {a.batch}; onnxruntime {ort.__version__}; CPU flags {flags}; commit {out['commit']}; {out['date']}\n")
     print("| model | latency (ms) | vs FP32 | slowest ops (µs per run) |\n|---|---|---|---|")
     for r in rows:
         ops = ", ".join(f"{k} {v:.0f}" for k, v in list(r["ops_us"].items())[:3])

@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics as st
-import subprocess
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._info import run_info, write_result  # noqa: E402
 
 SAMPLERS = {"uniform": ["distill.priority=false"],
             "per-max": ["distill.priority=true", "synthesize.iw_norm=max"],
@@ -49,7 +48,7 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     from kdpipe.config import load_config
     from kdpipe.stages import run_stage
-    from kdpipe.utils import load_json, save_json
+    from kdpipe.utils import load_json
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "params.yaml"))
@@ -86,15 +85,10 @@ def main() -> int:
                     rows.append({"seed": seed, "init": init, "epochs": ep, "sampler": sampler, "overrides": extra,
                                  "student_acc": m["student"]["accuracy"], "agreement": m.get("agreement")})
                     print(json.dumps(rows[-1]), flush=True)
-    import torch
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     out = {"data": cfg_eval.data.name, "config": Path(a.config).name, "overrides": a.overrides, "teacher_acc": teacher_acc,
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-           "torch": torch.__version__, "commit": commit, "date": date.today().isoformat(), "seeds": a.seeds, "rows": rows}
-    res = ROOT / "bench" / "results" / f"replay-{cfg_eval.data.name}{'-' + a.tag if a.tag else ''}.json"
-    save_json(out, res)  # temp file, then os.replace
-    print(f"\n{cfg_eval.data.name}: teacher {teacher_acc:.4f}; device {out['device']}; torch {out['torch']}; commit {commit}; {out['date']}\n")
+           **run_info(), "seeds": a.seeds, "rows": rows}
+    write_result(out, f"replay-{cfg_eval.data.name}{'-' + a.tag if a.tag else ''}.json")
+    print(f"\n{cfg_eval.data.name}: teacher {teacher_acc:.4f}; device {out['device']}; torch {out['torch']}; commit {out['commit']}; {out['date']}\n")
     print(table(rows))
     return 0
 

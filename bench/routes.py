@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._info import run_info, write_result  # noqa: E402
 
 ROUTES = {"kd-real": ["distill.data=real"], "data-free": ["distill.data=synthetic"]}
 
@@ -75,16 +74,10 @@ def main() -> int:
         print(json.dumps({route: out["routes"][route]}), flush=True)
     syn = load_json("data/synthetic/meta.json")
     out["synthetic"] = {k: syn[k] for k in ("n", "generated", "class_entropy", "histogram", "wall_s")}
-    import torch
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    out.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else
-               f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-               torch=torch.__version__, commit=commit, date=date.today().isoformat())
-    res = ROOT / "bench" / "results" / f"routes-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json"
-    res.write_text(json.dumps(out, indent=2) + "\n")
+    out.update(run_info())
+    write_result(out, f"routes-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json")
     print(f"\n{out['data']} ({out['config']} {' '.join(a.overrides + a.route_overrides)}); {out['device']}; torch {out['torch']}; "
-          f"commit {commit}; {out['date']}\n")
+          f"commit {out['commit']}; {out['date']}\n")
     print("| route | student test acc | ONNX size (bytes) | latency b1 / b64 (ms, 1 thread) |\n|---|---|---|---|")
     print(f"| teacher | {out['teacher']:.4f} | | |")
     if out["scratch"] is not None:

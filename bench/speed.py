@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._info import run_info, write_result  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -47,7 +46,7 @@ from kdpipe.stages import run_stage  # noqa: E402
 from kdpipe.synth.bn_hooks import BNPrior  # noqa: E402
 from kdpipe.synth.generator import Generator  # noqa: E402
 from kdpipe.synth.losses import ce_term  # noqa: E402
-from kdpipe.utils import load_json, pick_device, save_json  # noqa: E402
+from kdpipe.utils import load_json, pick_device  # noqa: E402
 
 
 def subset_folder(root: Path, dest: Path, n: int) -> Path:
@@ -114,6 +113,7 @@ def main() -> int:
         base.append(f"data.root={subset_folder(Path(cfg.data.root).resolve(), work / 'images', a.max_images)}")
     elif cfg.data.root:
         base.append(f"data.root={Path(cfg.data.root).resolve()}")
+    work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
     cfg_for = lambda extra: load_config(config, base + extra)  # noqa: E731
     cfg = cfg_for([])
@@ -123,7 +123,6 @@ def main() -> int:
     n_train = meta["splits"]["train"]["n"]
     x_all, y_all = data.load_split("train", device)
     tspec, sspec = make_spec(cfg.teacher.arch, meta), make_spec(cfg.student.arch, meta)
-    cuda = device.type == "cuda"
     accel.setup(cfg.speed, device)  # cuDNN autotuning
     fmt = accel.memory_format(cfg.speed, device)
     amp = lambda: accel.autocast(cfg.speed, device)  # noqa: E731
@@ -213,21 +212,19 @@ def main() -> int:
                      "floor_images_per_s": round(f, 1), "stage_over_floor": rate and round(rate / f, 3), **info})
         print(rows[-1], flush=True)
 
-    git = lambda *c: subprocess.run(["git", *c], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    commit = git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     name = Path(a.preset).stem if a.preset else cfg.data.name
     precision = " + ".join(k for k, on in (("bf16 autocast", accel.amp_dtype(cfg.speed, device) is not None),
                                            ("channels_last", fmt is torch.channels_last),
                                            ("torch.compile", cfg.speed.compile)) if on) or "fp32"
-    dev = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    out = {"preset": name, "config": Path(config).name, "overrides": a.overrides, "device": dev,
-           "precision": precision, "speed": cfg.speed.model_dump(mode="json"), "torch": torch.__version__,
-           "commit": commit, "date": date.today().isoformat(), "seconds": a.seconds, "n_train": n_train,
+    info = run_info()
+    dev, commit = info["device"], info["commit"]
+    out = {"preset": name, "config": Path(config).name, "overrides": a.overrides, **info,
+           "precision": precision, "speed": cfg.speed.model_dump(mode="json"), "seconds": a.seconds, "n_train": n_train,
            "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],  # start, end: others' load on the box
            "teacher": cfg.teacher.arch, "student": cfg.student.arch, "image_size": meta["image_size"], "rows": rows}
     knobs = "".join(f"-{k}" for k, on in (("bf16", accel.amp_dtype(cfg.speed, device) is not None),
                                             ("cl", fmt is torch.channels_last), ("compile", cfg.speed.compile)) if on)
-    save_json(out, ROOT / "bench" / "results" / f"speed-{name}-{device.type}{knobs}.json")
+    write_result(out, f"speed-{name}-{device.type}{knobs}.json")
     print(f"\n{name} ({cfg.teacher.arch} → {cfg.student.arch}, {meta['image_size']} px): {dev}, {out['precision']}, "
           f"torch {out['torch']}, commit {commit}, {out['date']}, load average {load0:.1f} → {os.getloadavg()[0]:.1f}\n")
     print("| stage | stage images/s | floor | floor images/s | stage / floor |")
