@@ -14,8 +14,8 @@ and the frozen teacher(s) label them again; so they do, on each batch, when hint
 Then ``finetune_epochs`` on hard labels alone (CE; real labels when the route uses real data,
 else the teacher's argmax on the synthetic set), SGD at ``finetune_lr`` with cosine decay.
 The student starts from synthesize's proxy student (``init: synthesis``, on the routes that read the
-synthetic set) or from scratch; with ``init: scratch`` the other defaults give bit for bit the student
-of the plain Hinton-KD stage.
+synthetic set) or from scratch; with ``init: scratch`` the other defaults give the student of the plain
+Hinton-KD stage (bit for bit on one CPU; tests/test_routes.py pins golden values).
 
 Under ``torchrun`` the stage is data-parallel (kdpipe/dist.py): every rank draws the same global
 batch (same generator), augments it with the same translations, takes its shard and scales the
