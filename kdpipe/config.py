@@ -139,6 +139,9 @@ class DistillCfg(_Section):
     # the student's start: "synthesis" = the proxy student trained alongside the generator (Fast-DFKD's student,
     # data/synthetic/student.pt) on the routes that read the synthetic set; the real route always starts from scratch
     init: Literal["synthesis", "scratch"] = "synthesis"
+    # exponential moving average of the student's weights and BN buffers after every step (AveragedModel with
+    # get_ema_multi_avg_fn): θ_ema ← d·θ_ema + (1 − d)·θ; the average is the student written; 0: off
+    ema: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _hints(self):

@@ -17,6 +17,7 @@ import yaml
 from conftest import ROOT, TINY
 from kdpipe.cli import main as cli
 from kdpipe.config import Config, ConfigError, load_config
+from kdpipe.models import build_model
 from kdpipe.utils import load_json, load_torch, save_json, save_torch, sha256_tensors
 
 # The default route from scratch on a fixed synthetic set (fixed_synthetic_set below): the last epoch's loss and
@@ -110,6 +111,28 @@ def test_scratch_start_gives_the_plain_kd_student(proj, base):
     assert [(d.dataset.name, {t.key: t.value for t in d.tags}["kdpipe.data_kind"]) for d in run.inputs.dataset_inputs] \
         == [("synthetic", "synthetic")]
     assert load_json(proj / "data/student/spec.json")["route"] == "data-free"
+
+
+# ------------------------------------------------------------------ the EMA student
+def test_ema_writes_the_moving_average_of_the_student(proj):
+    """distill.ema = d writes θ_ema (θ_ema ← d·θ_ema + (1 − d)·θ each step, BN buffers too): with d → 0 it is the
+    last step's student; with d = 0.9 it lags behind it; the logged agreement is the written student's."""
+    fixed_synthetic_set(proj)
+    runs = {}
+    for d in (0.0, 1e-12, 0.9):
+        distill("distill.init=scratch", f"distill.ema={d}")
+        runs[d] = load_torch(proj / "data/student/model.pt")
+    floats = [k for k, v in runs[0.0].items() if v.is_floating_point()]
+    gap = lambda a, b: max(float((runs[a][k] - runs[b][k]).abs().max()) for k in floats)  # noqa: E731
+    assert gap(0.0, 1e-12) < 1e-6 and gap(0.0, 0.9) > 1e-3
+    net = build_model(load_json(proj / "data/student/spec.json"))
+    net.load_state_dict(runs[0.9])
+    syn = load_torch(proj / "data/synthetic/samples.pt")
+    with torch.no_grad():
+        agree = (net.eval()(syn["x"].float() / 255).argmax(1) == syn["logits"].argmax(1)).float().mean().item()
+    last = (proj / "data/student/history.csv").read_text().splitlines()
+    col = last[0].split(",").index("synthetic_agreement")
+    assert float(last[-1].split(",")[col]) == pytest.approx(agree, abs=1e-6)
 
 
 # ------------------------------------------------------------------ default start: the synthesis proxy student

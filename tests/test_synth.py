@@ -132,7 +132,7 @@ def test_sample_grid_puts_each_sample_in_its_class_row(tmp_path):
     x = (25 * (labels + 1)).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
     sample_grid(x, labels, ["zero", "one", "two", "three"], tmp_path / "grid.png", per_class=3)
     img = torch.tensor(np.array(Image.open(tmp_path / "grid.png").convert("L")))
-    k, pad = 4, 2  # 8 px enlarged to 32; 2 px between cells
+    pad = 2  # 8 px enlarged ×4 to 32; 2 px between cells
     label_w = 8 * len("three") + 4
     assert img.shape == (4 * (32 + pad) + pad, label_w + 3 * (32 + pad) + pad)
     for c, n in enumerate([2, 2, 0, 3]):

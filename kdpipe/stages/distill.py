@@ -15,7 +15,9 @@ Then ``finetune_epochs`` on hard labels alone (CE; real labels when the route us
 else the teacher's argmax on the synthetic set), SGD at ``finetune_lr`` with cosine decay.
 The student starts from synthesize's proxy student (``init: synthesis``, on the routes that read the
 synthetic set) or from scratch; with ``init: scratch`` the other defaults give the student of the plain
-Hinton-KD stage (bit for bit on one CPU; tests/test_routes.py pins golden values).
+Hinton-KD stage (bit for bit on one CPU; tests/test_routes.py pins golden values). With ``ema`` = d
+the student written is the exponential moving average θ_ema ← d·θ_ema + (1 − d)·θ over every step
+(torch.optim.swa_utils.AveragedModel, BN buffers averaged too).
 
 Under ``torchrun`` the stage is data-parallel (kdpipe/dist.py): every rank draws the same global
 batch (same generator), augments it with the same translations, takes its shard and scales the
@@ -33,6 +35,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from kdpipe import accel, dist, paths
@@ -128,6 +131,7 @@ def run(cfg: Config, tracker) -> dict:
         speed = speed.model_copy(update={"compile": False})
     net = accel.train_module(student, speed, device)  # channels_last; DDP under torchrun; compiled if asked
     accel.frozen_module(teacher, speed, device)
+    ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(d.ema), use_buffers=True) if d.ema else None
     log_route(cfg, tracker, pools, meta, digests)
     # hooks after the wrap: on the modules that run (BatchNorm swapped for its global-batch version)
     hints = FeatureKD(first_member(teacher), student, d.hints, d.feature_loss,
@@ -151,7 +155,8 @@ def run(cfg: Config, tracker) -> dict:
     state = resume.load(tracker, g)
     if state:
         for obj, k in ((student, "student"), (opt, "optimizer"), (sched, "scheduler"), (ft_opt, "ft_optimizer"),
-                       (ft_sched, "ft_scheduler"), *([(hints, "hints")] if hints else [])):
+                       (ft_sched, "ft_scheduler"), *([(hints, "hints")] if hints else []),
+                       *([(ema, "ema")] if ema else [])):
             obj.load_state_dict(state[k])
         for p, pr in zip(pools, state["priority"]):
             p.priority.copy_(pr)
@@ -199,6 +204,8 @@ def run(cfg: Config, tracker) -> dict:
                 dist.average_grads(hints.parameters())  # the adapters live outside the DDP module
             o.step()
             sc.step()
+            if ema:
+                ema.update_parameters(student)
             if d.priority and not finetune:
                 batches.update_priority(b, dist.gather_shards(kd, sh, n))
             with torch.no_grad():  # KD (weight α), CE (γ), hints (β): named if NaN/inf
@@ -215,8 +222,9 @@ def run(cfg: Config, tracker) -> dict:
         dist.all_reduce_mean(run_loss)  # Σ_steps of the global batches' mean loss
         dist.all_reduce_mean(feat_loss)
         with torch.no_grad():
-            student.eval()
-            agree = (student(pools[0].x).argmax(1) == agree_labels).float().mean().item()
+            judged = ema.module if ema else student  # the student that will be written
+            judged.eval()
+            agree = (judged(pools[0].x).argmax(1) == agree_labels).float().mean().item()
         m = {"loss": (run_loss / data.steps).item(), agree_key: agree, "lr": sc.get_last_lr()[0],
              "temperature": T, "alpha": alpha, **({"feature_loss": (feat_loss / data.steps).item()} if hints else {})}
         history.append({"epoch": epoch, "phase": "finetune" if finetune else "kd", **m})
@@ -227,7 +235,10 @@ def run(cfg: Config, tracker) -> dict:
                                             "scheduler": sched.state_dict(), "ft_optimizer": ft_opt.state_dict(),
                                             "ft_scheduler": ft_sched.state_dict(), "priority": [p.priority for p in pools],
                                             **({"hints": hints.state_dict()} if hints else {}),
+                                            **({"ema": ema.state_dict()} if ema else {}),
                                             "history": history, "step": step}, g)
+    if ema:
+        student.load_state_dict(ema.module.state_dict())
     accel.plain(dist.unwrap(student), speed, device)  # plain BatchNorm, contiguous weights
     if hints:  # how far the adapters moved: ‖θ − θ₀‖ over all adapter parameters
         hints.remove()
