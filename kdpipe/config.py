@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -182,6 +182,11 @@ class SpeedCfg(_Section):
     data_on_device: Literal["auto"] | bool = "auto"  # whole split on the GPU (auto: if under a quarter of its memory)
     workers: int = Field(4, ge=0)  # DataLoader workers (pinned memory) when the split stays on the host
     sync_bn: bool = True  # multi-process (torchrun): BatchNorm statistics over the global batch, as with 1 process
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_off(cls, v):  # YAML 1.1 reads an unquoted `off` (amp: off, --set speed.amp=off) as false
+        return "off" if v is False else v
 
 
 class TrackingCfg(_Section):

@@ -21,6 +21,10 @@ def test_params_yaml_mirrors_schema():
 def test_overrides_are_typed():
     cfg = load_config(ROOT / "params.yaml", ["distill.temperature=8", "synthesize.phi=false", "data.root=/x"])
     assert cfg.distill.temperature == 8.0 and cfg.synthesize.phi is False and cfg.data.root == "/x"
+    # YAML reads an unquoted `off` as false: speed.amp takes it as "off"; a bool elsewhere stays a bool
+    assert load_config(ROOT / "params.yaml", ["speed.amp=off", "speed.compile=off"]).speed.amp == "off"
+    with pytest.raises(ConfigError, match="'speed.amp'"):
+        load_config(ROOT / "params.yaml", ["speed.amp=on"])
 
 
 @pytest.mark.parametrize("override, key", [
