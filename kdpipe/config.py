@@ -83,6 +83,9 @@ class SynthesizeCfg(_Section):
     phi_gamma: float = Field(2.0, ge=0)
     phi_clip: float = Field(5.0, gt=1)
     eviction: Literal["balanced", "fifo"] = "balanced"  # buffer: oldest of the largest class, or oldest
+    # what the stage writes: the replay buffer as it ends (the last rounds' samples), or a uniform reservoir sample
+    # of every round's samples (Algorithm R, kdpipe/synth/replay.py); the buffer feeds the proxy student either way
+    keep: Literal["buffer", "reservoir"] = "buffer"
     balanced_targets: bool = False  # draw target classes inversely to the buffer histogram
     priority: bool = False  # prioritized replay δ for the proxy student (off: see docs/benchmarks.md)
     alpha: float = Field(0.6, ge=0)

@@ -312,3 +312,30 @@ def test_evaluate_and_summary_put_the_routes_side_by_side(proj):
     e = {"int8_accuracy": 0.5}  # export's figure, once it has run
     assert routes(m, e) == [("teacher", "", m["teacher"]["accuracy"]), ("student", "KD real", m["student"]["accuracy"]),
                             ("student", "KD real + INT8", 0.5)]
+
+
+def test_keep_reservoir_writes_a_uniform_sample_of_every_round(proj):
+    """synthesize.keep=reservoir: the same run (generator, proxy student bit for bit: the reservoir draws from
+    its own generator), but the set written spans every round instead of the buffer's last ones."""
+    from kdpipe.stages import run_stage
+    from kdpipe.teachers import load_teachers
+
+    out = {}
+    for keep in ("buffer", "reservoir"):
+        cfg = load_config("params.yaml", ["synthesize.rounds=6", f"synthesize.keep={keep}"])  # 384 made, 192 kept
+        run_stage("synthesize", cfg)
+        out[keep] = {f: (proj / "data/synthetic" / f).read_bytes() for f in ("generator.pt", "student.pt")}
+        out[keep]["samples"] = load_torch(proj / "data/synthetic/samples.pt")
+        out[keep]["meta"] = load_json(proj / "data/synthetic/meta.json")
+    buf, res = out["buffer"], out["reservoir"]
+    assert buf["generator.pt"] == res["generator.pt"] and buf["student.pt"] == res["student.pt"]
+    assert res["meta"]["kept"] == "reservoir" and res["meta"]["n"] == len(res["samples"]["x"]) == 192
+    # the reservoir keeps about half of each round's 64 samples (hypergeometric sd 3.5: 16-48 is beyond 4.5 sd)
+    per_round = torch.bincount(res["samples"]["age"] // 64, minlength=6)
+    assert len(per_round) == 6 and per_round.min() >= 16 and per_round.max() <= 48, per_round.tolist()
+    assert not torch.equal(buf["samples"]["age"].sort().values, res["samples"]["age"].sort().values)
+    # the stored logits are the teacher's on the stored (quantized) images
+    teacher = load_teachers(cfg, "cpu")[0]
+    with torch.no_grad():
+        want = teacher(res["samples"]["x"].float() / 255)
+    assert torch.allclose(res["samples"]["logits"], want, atol=1e-4)

@@ -9,7 +9,8 @@ from kdpipe.synth.bn_hooks import BNPrior
 from kdpipe.synth.generator import Generator
 from kdpipe.synth.losses import adv_term, ce_term, ie_term
 from kdpipe.synth.phi import phi_weights
-from kdpipe.synth.replay import ReplayBuffer, anneal_beta, importance_weights, priority_probs, prioritized_sample
+from kdpipe.synth.replay import (ReplayBuffer, Reservoir, anneal_beta, importance_weights, priority_probs,
+                                 prioritized_sample)
 
 
 @pytest.mark.parametrize("size, ch", [(8, 1), (28, 1), (32, 3), (224, 3)])
@@ -140,3 +141,39 @@ def test_sample_grid_puts_each_sample_in_its_class_row(tmp_path):
         cells = [int(row[label_w + j * (32 + pad) + pad + 16]) for j in range(3)]
         assert cells == [25 * (c + 1)] * n + [255] * (3 - n)  # its samples, then white
         assert (img[pad + c * (32 + pad): pad + c * (32 + pad) + 32, :label_w] < 128).any()  # the class name
+
+
+def test_reservoir_keeps_each_sample_with_probability_capacity_over_n():
+    # Algorithm R: after n samples each one is kept with probability capacity/n (here 0.1), whatever its round
+    cap, n, trials = 50, 500, 1000
+    kept = torch.zeros(n)
+    for t in range(trials):
+        r = Reservoir(cap, (1, 1, 1), 2, seed=t)
+        for b in range(0, n, 32):  # rounds of 32, as the stage adds a round's batch at once
+            r.add(torch.rand(min(32, n - b), 1, 1, 1), torch.zeros(min(32, n - b), 2))
+        assert r.size == cap and r.age.unique().numel() == cap  # full, every slot a different sample
+        kept[r.age] += 1
+    freq = kept / trials
+    sd = (0.1 * 0.9 / trials) ** 0.5  # binomial sd of one sample's frequency: 0.0095
+    assert freq.mean().item() == pytest.approx(0.1)
+    assert (freq - 0.1).abs().max() < 5 * sd  # 5 sd over 500 samples: a false alarm < 1e-3
+    # the first and the last round are kept alike (FIFO would keep only the last 50, the buffer's eviction the newest)
+    assert abs(freq[:32].mean() - freq[-32:].mean()) < 4 * sd
+
+
+def test_reservoir_fills_then_resumes_bit_for_bit():
+    onehot = lambda n: torch.nn.functional.one_hot(torch.arange(n) % 3, 3).float()  # noqa: E731
+    xs = [torch.rand(7, 1, 2, 2) for _ in range(6)]
+    r = Reservoir(10, (1, 2, 2), 3, seed=1)
+    r.add(xs[0], onehot(7))
+    assert r.size == 7 and r.age[:7].tolist() == list(range(7))  # not full: every sample kept, in order
+    r.add(xs[1], onehot(7))
+    assert r.size == 10 and r.seen == 14
+    r2 = Reservoir(10, (1, 2, 2), 3, seed=99)
+    r2.load_state_dict(r.state_dict())  # a resumed run: same slots, same generator state
+    for x in xs[2:]:
+        r.add(x, onehot(7))
+        r2.add(x, onehot(7))
+    assert torch.equal(r.x, r2.x) and torch.equal(r.age, r2.age) and torch.equal(r.logits, r2.logits)
+    st = r.state()
+    assert st["x"].dtype == torch.uint8 and len(st["x"]) == 10 and torch.equal(st["x"], r.x)

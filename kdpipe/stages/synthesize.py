@@ -9,7 +9,8 @@ Each round (Fast-Datafree's rhythm, with SSD-KD's balancing and replay):
   1. g_steps generator steps on fresh latent codes, warm-started from the last round:
        L_G = Σ_i [φ_i·(w_adv·ℓ_adv + w_act·ℓ_act) + φ_i^{phi_ce}·w_ce·ℓ_ce]/N + w_bn·L_BN + w_ie·L_ie
      (optionally a Reptile meta update: θ ← θ + η(θ_fast − θ));
-  2. the round's samples enter the buffer (partial update; balanced eviction);
+  2. the round's samples enter the buffer (partial update; balanced eviction), and, with ``keep: reservoir``,
+     a uniform reservoir over all rounds (what is then written instead of the final buffer);
   3. kd_steps of a proxy student drawn from the buffer by prioritized replay, refreshing priorities;
      the proxy student is what the adversarial term plays against, and what distill starts from
      (data/synthetic/student.pt, ``distill.init``: Fast-DFKD's student, trained on every round's samples).
@@ -37,7 +38,7 @@ from kdpipe.synth.bn_hooks import BNPrior
 from kdpipe.synth.generator import Generator
 from kdpipe.synth.losses import act_term, adv_term, ce_term, ie_term
 from kdpipe.synth.phi import phi_weights
-from kdpipe.synth.replay import ReplayBuffer, anneal_beta
+from kdpipe.synth.replay import ReplayBuffer, Reservoir, anneal_beta
 from kdpipe.teachers import load_teachers
 from kdpipe.resume import Resume
 from kdpipe.train import check_finite_steps, check_weights
@@ -92,6 +93,7 @@ def run(cfg: Config, tracker) -> dict:
     if s.w_act > 0:
         penultimate(teacher).register_forward_hook(lambda m, i, o: feats.__setitem__("f", i[0]))
     buf = ReplayBuffer(s.capacity, (ch, size, size), C, device, s.eviction)
+    kept = Reservoir(s.capacity, (ch, size, size), C, seed=cfg.seed) if s.keep == "reservoir" else None
     tracker.log_params({"synthesize": s.model_dump(mode="json"), "student.arch": cfg.student.arch,
                         "teacher.arch": tspec["arch"]})
     if cfg.teachers:
@@ -106,6 +108,8 @@ def run(cfg: Config, tracker) -> dict:
     if state:  # everything that carries over from one round to the next
         for obj, k in ((gen, "gen"), (opt_g, "opt_g"), (student, "student"), (opt_s, "opt_s"), (buf, "buffer")):
             obj.load_state_dict(state[k])
+        if kept:
+            kept.load_state_dict(state["kept"])
         for h, (mp, vp) in zip(bn.hooks, state["bn_prev"]):
             h.mean_prev, h.var_prev = (None, None) if mp is None else (mp.to(device), vp.to(device))
         kd_step, t_gen = state["kd_step"], state["t_gen"]
@@ -160,7 +164,10 @@ def run(cfg: Config, tracker) -> dict:
         # 2. partial buffer update, with teacher logits of exactly the stored (quantized) images
         with torch.no_grad():
             xq = ReplayBuffer.quantize(fast(z)).float() / 255.0
-            buf.add(xq, teacher(xq))
+            t_xq = teacher(xq)
+            buf.add(xq, t_xq)
+            if kept:
+                kept.add(xq, t_xq)
         t_gen += time.perf_counter() - tg
         # 3. proxy-student KD from the buffer by prioritized replay
         student.train().requires_grad_(True)
@@ -193,7 +200,8 @@ def run(cfg: Config, tracker) -> dict:
         bar.set_postfix(H=f"{m['class_entropy']:.3f}", n=buf.size)
         resume.save(r + 1, s.rounds, {"gen": gen.state_dict(), "opt_g": opt_g.state_dict(), "student": student.state_dict(),
                                       "opt_s": opt_s.state_dict(), "buffer": buf.state_dict(), "kd_step": kd_step,
-                                      "t_gen": t_gen, "bn_prev": [(h.mean_prev, h.var_prev) for h in bn.hooks]}, g)
+                                      "t_gen": t_gen, "bn_prev": [(h.mean_prev, h.var_prev) for h in bn.hooks],
+                                      **({"kept": kept.state_dict()} if kept else {})}, g)
     bn.remove()
     for net in (gen, student):
         accel.plain(net, speed, device)  # contiguous weights in generator.pt / student.pt
@@ -201,7 +209,7 @@ def run(cfg: Config, tracker) -> dict:
     wall = time.perf_counter() - t0
 
     # outputs: one DVC-versioned folder
-    st = buf.state()
+    st = kept.state() if kept else buf.state()
     preds = st["logits"].argmax(1)
     hist = torch.bincount(preds, minlength=C)
     digest = sha256_tensors(st["x"], st["logits"])
@@ -212,7 +220,8 @@ def run(cfg: Config, tracker) -> dict:
     meta = {
         "spec": {k: v for k, v in tspec.items() if k != "arch"},
         "teacher_arch": tspec["arch"],
-        "n": int(buf.size),
+        "n": len(st["x"]),
+        "kept": s.keep,
         "histogram": hist.tolist(),
         "class_entropy": class_entropy(hist),
         "max_entropy": math.log(C),

@@ -12,6 +12,11 @@ Prioritized replay (Schaul et al. 2016), the RL sampler SSD-KD names:
 With ``norm="mean"`` the weights are divided by their batch mean instead (mean 1): the same relative
 correction, but the loss keeps the uniform sampler's scale, where /max shrinks every step by the mean
 of w/max (0.4-0.7 measured on digits) and so lowers the effective learning rate.
+
+Reservoir (``synthesize.keep: reservoir``): what the stage writes can instead be a uniform sample of every
+round's samples (Vitter's Algorithm R): the k-th sample generated (0-based) takes slot k while k < capacity,
+else slot j ~ U{0..k} if j < capacity, so each of the n samples seen is kept with probability capacity/n.
+The buffer above still feeds the proxy student; the reservoir only decides what is kept.
 """
 from __future__ import annotations
 
@@ -127,3 +132,45 @@ class ReplayBuffer:
         for k in ("x", "logits", "priority", "age"):
             getattr(self, k).copy_(st[k])
         self.size, self.clock = int(st["size"]), int(st["clock"])
+
+
+class Reservoir:
+    """A uniform sample of size ≤ ``capacity`` of every sample ever added (Algorithm R), uint8 images with
+    their teacher logits; its own seeded generator, so keeping it draws nothing from the stage's stream."""
+
+    def __init__(self, capacity: int, shape: tuple[int, ...], num_classes: int, seed: int = 0):
+        self.capacity = capacity
+        self.x = torch.zeros(capacity, *shape, dtype=torch.uint8)
+        self.logits = torch.zeros(capacity, num_classes)
+        self.age = torch.zeros(capacity, dtype=torch.long)  # index of the sample in the stream
+        self.seen = 0
+        self.g = torch.Generator().manual_seed(seed)
+
+    @property
+    def size(self) -> int:
+        return min(self.seen, self.capacity)
+
+    def add(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        k = torch.arange(self.seen, self.seen + len(x))
+        j = torch.where(k < self.capacity, k, (torch.rand(len(x), generator=self.g, dtype=torch.float64) * (k + 1)).long())
+        keep = (j < self.capacity).nonzero().flatten()
+        slots = {int(j[i]): int(i) for i in keep}  # a slot drawn twice in one batch keeps the later sample
+        if slots:
+            dst, src = torch.tensor(list(slots)), torch.tensor(list(slots.values()))
+            self.x[dst] = ReplayBuffer.quantize(x[src].detach().cpu())
+            self.logits[dst] = logits[src].detach().float().cpu()
+            self.age[dst] = k[src]
+        self.seen += len(x)
+
+    def state(self) -> dict:
+        s = self.size
+        return {"x": self.x[:s].clone(), "logits": self.logits[:s].clone(), "priority": torch.ones(s), "age": self.age[:s].clone()}
+
+    def state_dict(self) -> dict:
+        return {"x": self.x, "logits": self.logits, "age": self.age, "seen": self.seen, "rng": self.g.get_state()}
+
+    def load_state_dict(self, st: dict) -> None:
+        for k in ("x", "logits", "age"):
+            getattr(self, k).copy_(st[k])
+        self.seen = int(st["seen"])
+        self.g.set_state(st["rng"])
