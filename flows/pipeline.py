@@ -32,7 +32,7 @@ from kdpipe import paths  # noqa: E402
 from kdpipe.config import ConfigError, load_config  # noqa: E402
 from kdpipe.data import DataError  # noqa: E402
 from kdpipe.pipeline import dvc_available, dvc_repro, routes, summary  # noqa: E402
-from kdpipe.stages import STAGES, run_stage  # noqa: E402
+from kdpipe.stages import run_stage, stages_for  # noqa: E402
 from kdpipe.tracking import PREFECT_ENV, pipeline_run, tag_dvc_lock, tracking_uri  # noqa: E402
 
 
@@ -71,10 +71,13 @@ def _report(parent, uri: str) -> str:
     """The flow's result as markdown: accuracy table, ONNX parity, where the MLflow run is."""
     m = json.loads((paths.REPORTS / "metrics.json").read_text())
     e = json.loads((paths.EXPORT / "metrics.json").read_text())
-    rows = "".join(f"| {model} | {route} | {acc:.4f} |\n" for model, route, acc in routes(m, e))  # routes side by side
-    md = (f"# kdpipe run\n\nAccuracy on the real test split (n={m['n_test']}):\n\n| model | route | accuracy |\n|---|---|---|\n{rows}"
-          f"\nTeacher-student agreement {m['agreement']:.4f}. ONNX vs PyTorch: max abs diff {e['max_abs_diff']:.1e}, "
-          f"top-1 agreement {e['top1_agreement']:.4f}.\n")
+    if m.get("data") == "none":  # a teacher-only project: the summary's fidelity lines
+        md = "# kdpipe run\n\n```\n" + summary() + "\n```\n"
+    else:
+        rows = "".join(f"| {model} | {route} | {acc:.4f} |\n" for model, route, acc in routes(m, e))  # routes side by side
+        md = (f"# kdpipe run\n\nAccuracy on the real test split (n={m['n_test']}):\n\n| model | route | accuracy |\n|---|---|---|\n{rows}"
+              f"\nTeacher-student agreement {m['agreement']:.4f}. ONNX vs PyTorch: max abs diff {e['max_abs_diff']:.1e}, "
+              f"top-1 agreement {e['top1_agreement']:.4f}.\n")
     if parent is not None:
         run_id, exp = parent.info.run_id, parent.info.experiment_id
         link = f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}" if uri.startswith("http") else f"`{uri}`"
@@ -92,7 +95,7 @@ def pipeline(config: str = "params.yaml", overrides: list[str] | None = None, us
     fr = flow_run.get_id() or ""
     tags = {"kdpipe.runner": "prefect+dvc" if use_dvc else "prefect", "prefect.flow_run_id": fr}
     with _env(PREFECT_ENV, fr), pipeline_run(cfg, name="prefect", tags=tags) as parent:
-        for stage in STAGES:
+        for stage in stages_for(cfg):
             stage_task(stage, config, overrides, use_dvc)
         if parent is not None and use_dvc:
             tag_dvc_lock(parent.info.run_id)

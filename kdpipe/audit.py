@@ -88,7 +88,7 @@ def audit_memorization(cfg: Config) -> dict:
     if xs.shape[1:] != xr.shape[1:]:
         raise data.DataError(f"synthetic samples '{f}' are {tuple(xs.shape[1:])}, the real data "
                              f"'{paths.PREPARED}' is {tuple(xr.shape[1:])}: re-run synthesize on this data's teacher")
-    teacher, spec = load_teacher(device)
+    teacher, spec = load_teacher(cfg, device)
     rmse, near = nearest_pixels(xs.flatten(1), xr.flatten(1))
     rmse_test, _ = nearest_pixels(xt.flatten(1), xr.flatten(1))
     fr = features(teacher, xr)

@@ -24,7 +24,8 @@ class _Section(BaseModel):
 
 
 class DataCfg(_Section):
-    name: Literal["digits", "imagefolder", "mnist", "cifar10"] = "digits"
+    # none: a teacher-only project (no real data on the machine; the teacher comes from its card, teacher.source)
+    name: Literal["digits", "imagefolder", "mnist", "cifar10", "none"] = "digits"
     root: str | None = None  # imagefolder: <root>/train/<class>/*; mnist/cifar10: torchvision root
     image_size: int | None = Field(None, ge=4, le=1024)  # square H=W; None = the dataset's own
     channels: Literal[1, 3] | None = None  # None = the dataset's own
@@ -43,8 +44,30 @@ class TrainCfg(_Section):
 
 
 class TeacherCfg(TrainCfg):
-    arch: str = "digits_cnn"
-    checkpoint: str | None = None  # bring your own teacher (state_dict, weights_only=True)
+    arch: str = "digits_cnn"  # train-teacher's architecture (when teacher.source is null)
+    checkpoint: str | None = None  # a state_dict (weights_only=True): for arch, or for a card's named source
+    # The teacher card (kdpipe/teacher_card.py): a teacher handed over, used as it is (no train-teacher stage).
+    # null source: the teacher is train-teacher's (data/teacher). Otherwise: a *.onnx file from any producer,
+    # torchvision:<name>, timm:<name> or a zoo name (these three with checkpoint = its state_dict).
+    source: str | None = None
+    input_size: int | None = Field(None, ge=4, le=1024)  # H = W of the teacher's input; null: read from the ONNX file
+    channels: Literal[1, 3] | None = None  # null: read from the file (ONNX input, first conv of a state_dict)
+    layout: Literal["NCHW", "NHWC"] | None = None  # the teacher's input layout; null: read from the ONNX input shape
+    range: tuple[float, float] | None = None  # what the teacher's input values span, e.g. [0, 1] or [0, 255] (required)
+    mean: list[float] | None = None  # the normalisation a caller applies before the teacher, (x - mean) / std, in
+    std: list[float] | None = None  # units of `range`; null: none (both required keys of a card, null allowed)
+    classes: list[str] | int | str | None = None  # names, a count, or a file (one per line / a JSON list); null: ONNX metadata
+    torchscript_runs_code: bool = False  # accept a TorchScript archive: torch.jit.load RUNS CODE from the file
+
+    @model_validator(mode="after")
+    def _card(self):
+        if self.range is not None and not self.range[1] > self.range[0]:
+            raise ValueError(f"teacher.range must be [low, high] with high > low, got {list(self.range)}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("teacher.mean and teacher.std go together (both null: no normalisation)")
+        if self.std is not None and (any(v <= 0 for v in self.std) or len(self.std) != len(self.mean)):
+            raise ValueError("teacher.std must be positive, one value per channel like teacher.mean")
+        return self
 
 
 class StudentCfg(_Section):
@@ -76,6 +99,8 @@ class SynthesizeCfg(_Section):
     w_adv: float = Field(0.5, ge=0)
     w_act: float = Field(0.0, ge=0)  # DAFL activation term
     w_ie: float = Field(0.0, ge=0)  # DAFL information entropy (class balance; balanced_targets does this by default)
+    w_tv: float = Field(0.0, ge=0)  # image prior (DeepInversion): total variation; stands in for w_bn without BN
+    w_l2: float = Field(0.0, ge=0)  # image prior: ℓ2 of the image about mid-grey
     bn_momentum: float = Field(0.9, ge=0, lt=1)  # Fast: batch stats mixed with momentum
     # SSD-KD parts
     phi: bool = False  # modulating function φ on the generator's adversarial term (off: see docs/benchmarks.md)
@@ -172,6 +197,13 @@ class ExportCfg(_Section):
     int8_activations: Literal["int8", "uint8"] = "int8"
 
 
+class EvaluateCfg(_Section):
+    """evaluate without real data (data.name: none): fidelity to the teacher on a held-out synthetic set (kdpipe/fidelity.py)."""
+
+    fidelity_samples: int = Field(2048, ge=64)  # fresh images of the final generator, from their own seed
+    ece_bins: int = Field(15, ge=2)  # bins of the expected calibration error against the teacher
+
+
 class SpeedCfg(_Section):
     """Speed knobs (kdpipe/accel.py) of the training stages (train-teacher, baseline, synthesize, distill).
     "auto" = on for CUDA, off on CPU, so a CPU run is bit-identical with or without them; true/false
@@ -225,6 +257,7 @@ class Config(_Section):
     baseline: BaselineCfg = BaselineCfg()
     synthesize: SynthesizeCfg = SynthesizeCfg()
     distill: DistillCfg = DistillCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
     export: ExportCfg = ExportCfg()
     speed: SpeedCfg = SpeedCfg()
     tracking: TrackingCfg = TrackingCfg()
@@ -233,6 +266,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _private(self):
+        if self.data.name == "none":
+            if not self.teacher.source:
+                raise ValueError("data.name 'none' (no real data): the teacher must come from its card: set "
+                                 "teacher.source (a *.onnx file, torchvision:<name>, timm:<name> or a zoo name)")
+            if self.distill.data != "synthetic":
+                raise ValueError(f"distill.data '{self.distill.data}' needs real data, but data.name is 'none'")
         if self.data.private and self.distill.data != "synthetic":
             raise ValueError(f"distill.data '{self.distill.data}' trains on the real data, but data.private is true: "
                              "use distill.data=synthetic (data-free) or data.private=false")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kdpipe import paths
 from kdpipe.config import Config
-from kdpipe.stages import STAGES, run_stage
+from kdpipe.stages import run_stage, stages_for
 from kdpipe.tracking import pipeline_run, tag_dvc_lock
 
 
@@ -50,6 +50,18 @@ def routes(m: dict, e: dict) -> list[tuple[str, str, float]]:
 def summary() -> str:
     m = json.loads((paths.REPORTS / "metrics.json").read_text())
     e = json.loads((paths.EXPORT / "metrics.json").read_text())
+    if m.get("data") == "none":  # a teacher-only project: fidelity to the teacher, no accuracy
+        f = m["student"]
+        return "\n".join([
+            f"kdpipe summary: no real data; the student against its teacher on a held-out synthetic set (n={m['n_heldout']})",
+            f"  teacher                      {m['teacher']['source']} (sha256 {m['teacher']['sha256'][:12]})",
+            f"  {'top-1 agreement':<28} {f['agreement']:.4f}",
+            f"  {'KL(teacher ‖ student)':<28} {f['kl']:.4f}",
+            f"  {'ECE against the teacher':<28} {f['ece']:.4f}",
+            *([f"  {'INT8 agreement':<28} {e['int8_teacher_agreement']:.4f}"] if "int8_teacher_agreement" in e else []),
+            f"  student: {f['n_params']} parameters, {f['latency_ms_b1']:.2f} ms per image (1 CPU thread)",
+            f"  onnx {paths.EXPORT / 'student.onnx'}: max|diff| {e['max_abs_diff']:.1e}, top-1 agreement {e['top1_agreement']:.4f}",
+        ])
     return "\n".join([
         f"kdpipe summary: accuracy on the real test split (n={m['n_test']})",
         *[f"  {model + (f' ({route})' if route else ''):<28} {acc:.4f}" for model, route, acc in routes(m, e)],
@@ -65,13 +77,17 @@ def run_pipeline(cfg: Config, use_dvc: bool, name: str = "pipeline") -> dict:
             if parent is not None:
                 tag_dvc_lock(parent.info.run_id)  # the last stage's lock entry, written after it ended
         else:
-            for stage in STAGES:
+            for stage in stages_for(cfg):
                 run_stage(stage, cfg)
         text = summary()
         if parent is not None:
             import mlflow
 
             m = json.loads((paths.REPORTS / "metrics.json").read_text())
-            mlflow.log_metrics({f"{k}_accuracy": m[k]["accuracy"] for k in ("teacher", "student", "baseline") if k in m})
+            mlflow.log_metrics({f"{k}_accuracy": m[k]["accuracy"] for k in ("teacher", "student", "baseline")
+                                if "accuracy" in m.get(k, {})})
+            if m.get("data") == "none":
+                mlflow.log_metrics({"fidelity_agreement": m["agreement"], "fidelity_kl": m["student"]["kl"]})
+                mlflow.set_tag("kdpipe.real_data", "none")
     print(text, flush=True)
     return {"parent_run_id": parent.info.run_id if parent else None}

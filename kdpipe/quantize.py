@@ -27,8 +27,11 @@ from kdpipe.utils import atomic_path
 class SyntheticReader(CalibrationDataReader):
     """Calibration batches {input_name: float32 N×C×H×W in [0, 1]} from uint8 images."""
 
-    def __init__(self, x_uint8: torch.Tensor, input_name: str = "input", batch_size: int = 64):
-        self.batches = iter([{input_name: b.float().div(255.0).numpy()} for b in x_uint8.split(batch_size)])
+    def __init__(self, x_uint8: torch.Tensor, input_name: str = "input", batch_size: int = 64, conv: dict | None = None):
+        from kdpipe.teacher_card import to_convention  # the model's own input convention (a teacher card's)
+
+        self.batches = iter([{input_name: to_convention(b.float().div(255.0), conv).numpy()}
+                             for b in x_uint8.split(batch_size)])
 
     def get_next(self):
         return next(self.batches, None)
@@ -41,7 +44,7 @@ def calibration_subset(x_uint8: torch.Tensor, n: int, seed: int) -> torch.Tensor
     return x_uint8[torch.randperm(len(x_uint8), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
-def quantize_int8(fp32_path, out_path, calib_uint8: torch.Tensor, activations: str = "int8") -> None:
+def quantize_int8(fp32_path, out_path, calib_uint8: torch.Tensor, activations: str = "int8", conv: dict | None = None) -> None:
     """``fp32_path`` (ONNX, input ``input``) -> ``out_path`` (QDQ, INT8 weights, ``activations`` int8 (S8S8)
     or uint8 (U8S8); same metadata_props)."""
     act, fmt = {"int8": (QuantType.QInt8, "S8S8"), "uint8": (QuantType.QUInt8, "U8S8")}[activations]
@@ -49,7 +52,7 @@ def quantize_int8(fp32_path, out_path, calib_uint8: torch.Tensor, activations: s
     with tempfile.TemporaryDirectory() as tmp, atomic_path(out_path) as dst:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre))
-        quantize_static(str(pre), str(dst), SyntheticReader(calib_uint8, fp32.graph.input[0].name),
+        quantize_static(str(pre), str(dst), SyntheticReader(calib_uint8, fp32.graph.input[0].name, conv=conv),
                         quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                         activation_type=act, weight_type=QuantType.QInt8)
         m = onnx.load(str(dst))

@@ -72,16 +72,41 @@ class Ensemble(nn.Module):
         return multi_teacher_targets(self.logits(x), 1.0, self.weights).clamp_min(1e-12).log()
 
 
-def load_teacher(device) -> tuple[nn.Module, dict]:
-    """data/teacher's model alone (frozen, eval, on ``device``) and its spec."""
-    model, spec, _ = _load_folder(paths.TEACHER, "teacher")
+def base_teacher(cfg: Config) -> tuple[nn.Module, dict, str]:
+    """The project's teacher: the card's (``teacher.source``, kdpipe/teacher_card.py) or train-teacher's
+    data/teacher -> (model, spec, sha256 of its weights file)."""
+    if cfg.teacher.source:
+        from kdpipe.teacher_card import card_spec, load_card
+
+        model, card = load_card(cfg.teacher)
+        return model, card_spec(card), card.sha256
+    return _load_folder(paths.TEACHER, "teacher")
+
+
+def teacher_files(cfg: Config) -> list[str]:
+    """What the project's teacher is read from (DVC deps, resume fingerprints): the card's files or data/teacher."""
+    if cfg.teacher.source:
+        from kdpipe.teacher_card import card_files
+
+        return card_files(cfg.teacher)
+    return [str(paths.TEACHER)]
+
+
+def teacher_digest(cfg: Config) -> str:
+    """sha256 of the project's teacher weights: the card's ONNX/TorchScript file or checkpoint, else data/teacher/model.pt."""
+    return sha256_file(teacher_files(cfg)[0] if cfg.teacher.source else paths.TEACHER / "model.pt")
+
+
+def load_teacher(cfg: Config, device) -> tuple[nn.Module, dict]:
+    """The project's teacher alone (frozen, eval, on ``device``) and its spec."""
+    model, spec, _ = base_teacher(cfg)
     return model.to(device).eval().requires_grad_(False), spec
 
 
 def load_teachers(cfg: Config, device) -> tuple[nn.Module, dict, list[str]]:
     """(teacher, spec of data/teacher, sha256 of each member's weights). With ``teachers`` empty the
     teacher is data/teacher's own model, else an :class:`Ensemble`; frozen, in eval mode, on ``device``."""
-    first, spec, digest = _load_folder(paths.TEACHER, "teacher")
+    first, spec, digest = base_teacher(cfg)
     if not cfg.teachers:
         return first.to(device).eval().requires_grad_(False), spec, [digest]
     members = [load_member(ref, i, spec) for i, ref in enumerate(cfg.teachers)]

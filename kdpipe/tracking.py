@@ -217,7 +217,7 @@ def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metr
     info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="student", registered_model_name=name,
                                  pip_requirements=reqs)
     mlflow.log_artifacts(str(pytorch_dir), "student_pytorch")
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, model_id=info.model_id)
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
     for k, v in {**metrics, "run_id": tracker.run_id}.items():

@@ -13,6 +13,14 @@ STAGES = ["prepare", "train-teacher", "baseline", "synthesize", "distill", "eval
 DATA_FREE = {"synthesize", "distill"}
 
 
+def stages_for(cfg: Config) -> list[str]:
+    """The DAG of this config: without real data (data.name: none) synthesize → distill → evaluate → export;
+    a teacher from its card (teacher.source) has no train-teacher stage."""
+    if cfg.data.name == "none":
+        return ["synthesize", "distill", "evaluate", "export"]
+    return [s for s in STAGES if not (s == "train-teacher" and cfg.teacher.source)]
+
+
 def data_free_stage(name: str, cfg: Config) -> bool:
     """Whether this stage run is data-free: synthesize always, distill unless distill.data is real|mixed."""
     return name in DATA_FREE and not (name == "distill" and cfg.distill.data != "synthetic")
@@ -36,6 +44,11 @@ def run_stage(name: str, cfg: Config) -> dict:
 
     if name not in STAGES:
         raise ValueError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}")
+    if name not in stages_for(cfg):
+        from kdpipe.config import ConfigError
+
+        why = "data.name is 'none' (no real data)" if cfg.data.name == "none" else "the teacher comes from its card (teacher.source)"
+        raise ConfigError(f"stage '{name}' is not part of this project's DAG: {why}; its stages: {', '.join(stages_for(cfg))}")
     module = importlib.import_module(f"kdpipe.stages.{name.replace('-', '_')}")
     check_tracking(cfg)  # an unreachable tracking server fails here, before any work (exit 2)
     _check_dvc_deps(name, cfg)

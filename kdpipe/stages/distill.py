@@ -50,6 +50,7 @@ from kdpipe.schedules import value
 from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import anneal_beta
 from kdpipe.teachers import Ensemble, first_member, guide_logits, hard_labels, load_teachers, target_logits, teacher_logits
+from kdpipe.teachers import teacher_digest, teacher_files
 from kdpipe.train import check_finite_steps, check_weights, random_translations, shift_by
 from kdpipe.utils import atomic_path, load_torch, pick_device, save_json, save_torch, seed_everything, sha256_file
 
@@ -65,7 +66,7 @@ def log_route(cfg: Config, tracker, pools, meta, digests) -> None:
                         **({"teachers": [t.model_dump(mode="json") for t in cfg.teachers]} if cfg.teachers else {}),
                         **{f"{p.kind}.n_per_batch": p.batch for p in pools if d.data == "mixed"}})
     tracker.set_tags({**({"synthetic.sha256": meta["sha256"]} if meta else {}), "kdpipe.route": ROUTE[d.data],
-                      "teacher.sha256": sha256_file(paths.TEACHER / "model.pt"),
+                      "teacher.sha256": teacher_digest(cfg),
                       **({"teachers.sha256": ",".join(digests)} if cfg.teachers else {})})
     for p in pools:
         tracker.log_data_input(*(("synthetic", paths.SYNTHETIC) if p.kind == "synthetic" else ("real-train", paths.PREPARED)),
@@ -150,7 +151,7 @@ def run(cfg: Config, tracker) -> dict:
     class_freq = torch.softmax(guide_logits(pools[0].t, tw), 1).mean(0)
     agree_key, agree_labels = f"{pools[0].kind}_agreement", hard_labels(None, pools[0].t, tw)
     history, step = [], 0
-    inputs = [paths.SYNTHETIC] * bool(n_syn) + [paths.PREPARED] * bool(n_real) + [paths.TEACHER]
+    inputs = [paths.SYNTHETIC] * bool(n_syn) + [paths.PREPARED] * bool(n_real) + teacher_files(cfg)
     resume = Resume(cfg, "distill", [*inputs, *[t.checkpoint for t in cfg.teachers if t.checkpoint], __file__])
     state = resume.load(tracker, g)
     if state:

@@ -61,16 +61,68 @@ def plot_confusion(cm: torch.Tensor, classes: list[str], title: str, path) -> No
     plt.close(fig)
 
 
+def run_fidelity(cfg: Config, tracker) -> dict:
+    """No real data (data.name: none): the student against its teacher on a held-out synthetic set."""
+    from kdpipe.fidelity import fidelity, heldout_images, torch_latency_ms
+    from kdpipe.teachers import load_teacher, teacher_digest
+
+    spec = read_spec(paths.STUDENT)
+    teacher, tspec = load_teacher(cfg, "cpu")
+    student, _ = load_model(paths.STUDENT, "cpu", spec)
+    classes = tspec["classes"]
+    x = heldout_images(cfg, tspec).float() / 255.0
+    t, s = predict(teacher, x), predict(student, x)
+    f = fidelity(t, s, classes, cfg.evaluate.ece_bins)
+    n_params = sum(p.numel() for p in student.parameters())
+    metrics = {
+        "data": "none", "n_heldout": len(x), "heldout": "final generator, codes of seed + 1000003 (kdpipe/fidelity.py)",
+        "teacher": {"source": cfg.teacher.source, "sha256": teacher_digest(cfg)},
+        "student": {**f, "route": spec.get("route", "data-free"), "n_params": n_params,
+                    "size_bytes": (paths.STUDENT / "model.pt").stat().st_size,
+                    "latency_ms_b1": torch_latency_ms(student, x[:1]), "latency_ms_b64": torch_latency_ms(student, x[:64])},
+        "agreement": f["agreement"],
+    }
+    tracker.log_params({"evaluate": cfg.evaluate.model_dump(mode="json")})
+    tracker.log_metrics({"agreement": f["agreement"], "kl": f["kl"], "ece": f["ece"], "n_params": n_params,
+                         "latency_ms_b1": metrics["student"]["latency_ms_b1"]})
+    tracker.set_tags({"kdpipe.real_data": "none", "kdpipe.route": metrics["student"]["route"],
+                      "student.sha256": sha256_file(paths.STUDENT / "model.pt"), "teacher.sha256": teacher_digest(cfg)})
+    with atomic_path(paths.REPORTS / "predictions.csv") as tmp:  # "actual" = the teacher's class: no real labels
+        tmp.write_text("actual,predicted\n" + "".join(
+            f"{classes[a]},{classes[b]}\n" for a, b in zip(t.argmax(1).tolist(), s.argmax(1).tolist())))
+    with atomic_path(paths.REPORTS / "per_class.csv") as tmp:
+        tmp.write_text("class,agreement,teacher_count\n" + "".join(
+            f"{c},{'' if f['per_class_agreement'][c] is None else f['per_class_agreement'][c]},{n}\n"
+            for c, n in zip(classes, f["teacher_class_counts"])))
+    cm = confusion(s.argmax(1), t.argmax(1), len(classes))
+    fig = paths.REPORTS / "figures" / "confusion_student_vs_teacher.png"
+    plot_confusion(cm, classes, f"student vs teacher (held-out synthetic, n={len(x)}): agreement {f['agreement']:.4f}", fig)
+    tracker.log_artifact(fig)
+    save_json(metrics, paths.REPORTS / "metrics.json")
+    tracker.log_artifact(paths.REPORTS / "metrics.json")
+    return {"agreement": round(f["agreement"], 4), "kl": round(f["kl"], 4), "ece": round(f["ece"], 4),
+            "n_heldout": len(x)}
+
+
 def run(cfg: Config, tracker) -> dict:
+    if cfg.data.name == "none":
+        return run_fidelity(cfg, tracker)
     device = pick_device(cfg.device)
     x, y = data.load_split("test", device)
     classes = data.load_meta()["classes"]
     C = len(classes)
     models = {"teacher": paths.TEACHER, "student": paths.STUDENT, "baseline": paths.BASELINE}
     preds, metrics = {}, {"n_test": len(y)}
-    specs = {name: read_spec(folder) for name, folder in models.items()}  # every input first: fail before any work
+    card = cfg.teacher.source is not None  # a teacher from its card: no data/teacher folder
+    specs = {name: read_spec(folder) for name, folder in models.items()  # every input first: fail before any work
+             if not (card and name == "teacher")}
     for name, folder in models.items():
-        model, _ = load_model(folder, device, specs[name])
+        if card and name == "teacher":
+            from kdpipe.teachers import load_teacher
+
+            model = load_teacher(cfg, device)[0]
+        else:
+            model, _ = load_model(folder, device, specs[name])
         if model is None:
             continue
         p = predict(model, x).argmax(1)

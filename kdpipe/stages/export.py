@@ -28,28 +28,38 @@ from kdpipe.utils import atomic_path, load_json, load_torch, save_json, sha256_f
 
 
 def export_onnx(model: torch.nn.Module, spec: dict, path, opset: int) -> None:
-    c, s = spec["in_channels"], spec["image_size"]
-    dummy = torch.rand(2, c, s, s)
+    """``model`` (the student, [0, 1] N×C×H×W) as ONNX; with a teacher card (spec["input"]) it takes the
+    teacher's own input convention instead (InputAdapter: a drop-in replacement for the teacher)."""
+    from kdpipe.teacher_card import InputAdapter, to_convention
+
+    c, s, conv = spec["in_channels"], spec["image_size"], spec.get("input")
+    net = InputAdapter(model, conv) if conv else model
+    dummy = to_convention(torch.rand(2, c, s, s), conv)
+    conv = conv or {"layout": "NCHW", "range": [0, 1], "mean": None, "std": None}
     with atomic_path(path) as tmp:
-        torch.onnx.export(model.cpu().eval(), (dummy,), str(tmp), input_names=["input"], output_names=["logits"],
+        torch.onnx.export(net.cpu().eval(), (dummy,), str(tmp), input_names=["input"], output_names=["logits"],
                           opset_version=opset, dynamo=True, external_data=False,
                           dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
         m = onnx.load(str(tmp))
         props = {"classes": json.dumps(spec["classes"]), "input_size": json.dumps([c, s, s]),
-                 "input_range": "[0, 1] float32, N x C x H x W; resize (bilinear) to H x W", "arch": spec["arch"]}
+                 "input_layout": conv["layout"], "input_value_range": json.dumps(list(conv["range"])),
+                 "input_mean": json.dumps(conv["mean"]), "input_std": json.dumps(conv["std"]),
+                 "input_range": f"{list(conv['range'])} float32, {conv['layout']}"
+                                + ("" if conv["mean"] is None else ", then (x - input_mean) / input_std")
+                                + "; resize (bilinear) to H x W", "arch": spec["arch"]}
         for k, v in props.items():
             m.metadata_props.add(key=k, value=v)
         onnx.checker.check_model(m)
         onnx.save(m, str(tmp))
 
 
-def export_int8(cfg: Config, fp32_path, x: np.ndarray, y: np.ndarray, fp32_logits: np.ndarray) -> dict:
+def export_int8(cfg: Config, fp32_path, x: np.ndarray, y: np.ndarray, fp32_logits: np.ndarray, conv=None) -> dict:
     """student.int8.onnx, calibrated on synthetic samples only; its figures next to FP32's."""
     path, samples = paths.EXPORT / "student.int8.onnx", paths.SYNTHETIC / "samples.pt"
     if not samples.exists():
         raise data.DataError(f"export.int8: calibration samples '{samples}' are missing: run the synthesize stage")
     calib = calibration_subset(load_torch(samples)["x"], cfg.export.calibration_samples, cfg.seed)
-    quantize_int8(fp32_path, path, calib, cfg.export.int8_activations)
+    quantize_int8(fp32_path, path, calib, cfg.export.int8_activations, conv)
     fp32, int8 = session(fp32_path), session(path)
     got = int8.run(["logits"], {"input": x})[0]
     m = {"int8_accuracy": float((got.argmax(1) == y).mean()),
@@ -62,10 +72,15 @@ def export_int8(cfg: Config, fp32_path, x: np.ndarray, y: np.ndarray, fp32_logit
     return m
 
 
-def run(cfg: Config, tracker) -> dict:
-    import onnxruntime as ort
+def reference(cfg: Config, spec: dict):
+    """(x in [0, 1], labels, what the labels are): the real test split, or without real data (data.name: none)
+    the held-out synthetic set labelled by the teacher's argmax (kdpipe/fidelity.py)."""
+    if cfg.data.name == "none":
+        from kdpipe.fidelity import heldout_images
+        from kdpipe.teachers import load_teacher
 
-    model, spec = load_model(paths.STUDENT, "cpu")
+        x = heldout_images(cfg, spec).float() / 255.0
+        return x, predict(load_teacher(cfg, "cpu")[0], x).argmax(1), "teacher"
     meta = data.load_meta()  # the input spec must match the data the ONNX model will be scored and used on
     want = (meta["channels"], meta["image_size"], list(meta["classes"]))
     if (spec["in_channels"], spec["image_size"], list(spec["classes"])) != want:
@@ -73,38 +88,57 @@ def run(cfg: Config, tracker) -> dict:
             f"export: the student '{paths.STUDENT / 'spec.json'}' takes {spec['in_channels']}x{spec['image_size']}x"
             f"{spec['image_size']} input with classes {spec['classes'][:10]}, but the data '{paths.PREPARED / 'meta.json'}' "
             f"is {want[0]}x{want[1]}x{want[1]} with classes {want[2][:10]}: re-run train-teacher, synthesize and distill on it")
+    x, y = data.load_split("test", "cpu")
+    return x, y, "real"
+
+
+def run(cfg: Config, tracker) -> dict:
+    import onnxruntime as ort
+
+    from kdpipe.teacher_card import to_convention
+
+    model, spec = load_model(paths.STUDENT, "cpu")
+    x, y, labels = reference(cfg, spec)
+    acc = "accuracy" if labels == "real" else "teacher_agreement"  # against real labels, or the teacher's
     out = paths.EXPORT / "student.onnx"
     export_onnx(model, spec, out, cfg.export.opset)
-    x, y = data.load_split("test", "cpu")
     ref = predict(model, x).numpy()
+    xin = to_convention(x, spec.get("input")).numpy()  # what the ONNX student takes: the teacher's convention
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"input": x.numpy()})[0]
+    got = sess.run(["logits"], {"input": xin})[0]
     diff = float(np.abs(got - ref).max())
     metrics = {
         "max_abs_diff": diff,
         "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
-        "onnx_accuracy": float((got.argmax(1) == y.numpy()).mean()),
+        f"onnx_{acc}": float((got.argmax(1) == y.numpy()).mean()),
         "n_test": int(len(y)),
+        "reference": "real test split" if labels == "real" else "held-out synthetic set, teacher argmax (no real data)",
         "sha256": sha256_file(out),
         "size_bytes": out.stat().st_size,
     }
     if diff > cfg.export.atol:
         raise RuntimeError(f"export: onnxruntime differs from PyTorch by {diff:.2e} > export.atol {cfg.export.atol}")
     if cfg.export.int8:
-        metrics.update(export_int8(cfg, out, x.numpy(), y.numpy(), got))
+        m8 = export_int8(cfg, out, xin, y.numpy(), got, spec.get("input"))
+        metrics.update({k.replace("int8_accuracy", f"int8_{acc}"): v for k, v in m8.items()})
         tracker.log_artifact(paths.EXPORT / "student.int8.onnx")
     else:
         (paths.EXPORT / "student.int8.onnx").unlink(missing_ok=True)  # no stale INT8 model beside a new FP32 one
     save_json(metrics, paths.EXPORT / "metrics.json")
-    tracker.log_metrics({k: v for k, v in metrics.items() if not k.endswith("sha256")})
-    tracker.set_tags({"onnx.sha256": metrics["sha256"], "student.sha256": sha256_file(paths.STUDENT / "model.pt")})
+    tracker.log_metrics({k: v for k, v in metrics.items() if not k.endswith("sha256") and not isinstance(v, str)})
+    tracker.set_tags({"onnx.sha256": metrics["sha256"], "student.sha256": sha256_file(paths.STUDENT / "model.pt"),
+                      **({"kdpipe.real_data": "none"} if labels != "real" else {})})
     reports = paths.REPORTS / "metrics.json"
     evaluated = load_json(reports) if reports.exists() else {}
     version = register_student(tracker, cfg, out, paths.STUDENT, {
-        **{f"{k}_accuracy": evaluated[k]["accuracy"] for k in ("teacher", "student") if k in evaluated},
-        **{k: v for k, v in metrics.items() if k in ("onnx_accuracy", "top1_agreement", "max_abs_diff")}})
+        **{f"{k}_accuracy": evaluated[k]["accuracy"] for k in ("teacher", "student") if "accuracy" in evaluated.get(k, {})},
+        **({"fidelity_agreement": evaluated["agreement"], "fidelity_kl": evaluated["student"]["kl"]}
+           if evaluated.get("data") == "none" else {}),
+        **{k: v for k, v in metrics.items() if k in ("onnx_accuracy", "onnx_teacher_agreement", "top1_agreement",
+                                                      "max_abs_diff")},
+        "onnx.sha256": metrics["sha256"]})
     return {**({"registered": f"{cfg.tracking.registered_model}/{version}"} if version else {}),
             "max_abs_diff": f"{diff:.1e}", "top1_agreement": metrics["top1_agreement"],
-            "onnx_accuracy": round(metrics["onnx_accuracy"], 4),
-            **({"int8_accuracy": round(metrics["int8_accuracy"], 4),
+            f"onnx_{acc}": round(metrics[f"onnx_{acc}"], 4),
+            **({f"int8_{acc}": round(metrics[f"int8_{acc}"], 4),
                 "int8_top1_agreement": round(metrics["int8_top1_agreement"], 4)} if cfg.export.int8 else {})}

@@ -23,6 +23,7 @@ fp32), channels_last, fused Adam/SGD. One process: under torchrun rank 0 alone r
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -36,13 +37,13 @@ from kdpipe.losses import distill_loss, kd_per_sample
 from kdpipe.models import build_model, penultimate
 from kdpipe.synth.bn_hooks import BNPrior
 from kdpipe.synth.generator import Generator
-from kdpipe.synth.losses import act_term, adv_term, ce_term, ie_term
+from kdpipe.synth.losses import act_term, adv_term, ce_term, ie_term, l2_term, tv_term
 from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import ReplayBuffer, Reservoir, anneal_beta
-from kdpipe.teachers import load_teachers
+from kdpipe.teachers import load_teachers, teacher_digest, teacher_files
 from kdpipe.resume import Resume
 from kdpipe.train import check_finite_steps, check_weights
-from kdpipe.utils import atomic_path, dvc_md5, sha256_file
+from kdpipe.utils import atomic_path, dvc_md5
 from kdpipe.utils import pick_device, save_json, save_torch, seed_everything, sha256_tensors
 
 
@@ -89,6 +90,13 @@ def run(cfg: Config, tracker) -> dict:
     opt_g = accel.adam(gen.parameters(), s.lr_g, (0.5, 0.999), speed, device)
     opt_s = accel.sgd(student.parameters(), s.kd_lr, 0.9, 5e-4, speed, device)
     bn = BNPrior(teacher, s.bn_momentum)
+    if not bn.hooks:  # said once: the BN-statistics prior, the term that matters most with BN, is not there
+        print(f"[kdpipe] synthesize: the teacher has no BatchNorm layers (folded by its exporter?): no BN-statistics "
+              f"prior (synthesize.w_bn has no effect); synthesis relies on CE, adversarial, DAFL (w_act {s.w_act}, "
+              f"w_ie {s.w_ie}) and the image prior (w_tv {s.w_tv}, w_l2 {s.w_l2})", flush=True)
+    tracker.set_tags({"kdpipe.bn_prior": f"{len(bn.hooks)} BatchNorm layers" if bn.hooks else "absent (no BatchNorm)"})
+    if cfg.teacher.source:  # a teacher from its card: what it is, with the hash of its file
+        tracker.set_tags({"teacher.source": cfg.teacher.source, "teacher.card": json.dumps(tspec["card"])})
     feats = {}
     if s.w_act > 0:
         penultimate(teacher).register_forward_hook(lambda m, i, o: feats.__setitem__("f", i[0]))
@@ -103,7 +111,7 @@ def run(cfg: Config, tracker) -> dict:
     t0, t_gen = time.perf_counter(), 0.0
     code = [__file__, *sorted(Path(__file__).parents[1].joinpath("synth").glob("*.py"))]
     members = [t.checkpoint for t in cfg.teachers if t.checkpoint]
-    resume = Resume(cfg, "synthesize", [paths.TEACHER, *members, *code], unit="round")
+    resume = Resume(cfg, "synthesize", [*teacher_files(cfg), *members, *code], unit="round")
     state = resume.load(tracker, g)
     if state:  # everything that carries over from one round to the next
         for obj, k in ((gen, "gen"), (opt_g, "opt_g"), (student, "student"), (opt_s, "opt_s"), (buf, "buffer")):
@@ -144,6 +152,9 @@ def run(cfg: Config, tracker) -> dict:
                 per = per + s.w_act * act_term(feats["f"].float())
             l_ce, l_per = ((w if s.phi_ce else 1.0) * ce).mean(), (w * per).mean()
             l_bn, l_ie = s.w_bn * bn.loss(), s.w_ie * ie_term(t_logits)
+            if s.w_tv > 0 or s.w_l2 > 0:  # the image prior (its own term in the NaN report: folded into bn)
+                x32 = x.float()
+                l_bn = l_bn + (s.w_tv * tv_term(x32) + s.w_l2 * l2_term(x32)).mean()
             loss_g = l_per + l_ce + l_bn + l_ie
             terms.append(torch.stack([loss_g, l_ce, l_per, l_bn, l_ie]).detach())
             opt.zero_grad(set_to_none=True)
@@ -238,7 +249,7 @@ def run(cfg: Config, tracker) -> dict:
     tracker.log_metrics({"n_samples": meta["n"], "final_class_entropy": meta["class_entropy"],
                          "teacher_confidence": meta["teacher_confidence"], "wall_s": wall})
     tracker.set_tags({"synthetic.sha256": digest, "synthetic.dvc_md5": dvc_md5(paths.SYNTHETIC),
-                      "teacher.sha256": sha256_file(paths.TEACHER / "model.pt")})
+                      "teacher.sha256": teacher_digest(cfg)})
     tracker.log_artifact(paths.SYNTHETIC / "grid.png")
     tracker.log_artifact(paths.SYNTHETIC / "histogram.csv")
     resume.finish()

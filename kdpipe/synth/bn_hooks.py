@@ -36,10 +36,12 @@ class BNPrior:
 
     def __init__(self, model: nn.Module, momentum: float = 0.0):
         self.hooks = [BNStatsHook(m, momentum) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        ref = next(iter([*model.parameters(), *model.buffers()]), None)
+        self.device = ref.device if ref is not None else torch.device("cpu")
 
     def loss(self) -> torch.Tensor:
-        if not self.hooks:
-            return torch.zeros(())
+        if not self.hooks:  # a teacher without BatchNorm (e.g. BN folded by an exporter): no prior, a zero on its device
+            return torch.zeros((), device=self.device)
         return torch.stack([h.loss for h in self.hooks]).sum()
 
     def remove(self):
