@@ -33,6 +33,22 @@ def _parser() -> argparse.ArgumentParser:
                           "(pixels, teacher features) -> data/reports/memorization.json + .png"))
     dg = common(sub.add_parser("dag", help="print dvc.yaml with the data deps the config needs (kdpipe/dag.py)"))
     dg.add_argument("--write", action="store_true", help="write dvc.yaml instead of printing it")
+    it = sub.add_parser("init", help="scaffold a teacher-only project in DIR (params.yaml with the teacher card, dvc.yaml, "
+                        "git + DVC) from a teacher file; no real data needed")
+    it.add_argument("dir", help="the project folder (created; must not hold a kdpipe project)")
+    it.add_argument("--teacher", required=True, metavar="FILE",
+                    help="the teacher: a *.onnx file (any producer), or a state_dict with --set teacher.source="
+                         "torchvision:<name> | timm:<name> | <zoo name>; copied to DIR/teacher/")
+    it.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a card key or any parameter, e.g. --set teacher.range=[0,255] --set teacher.mean=null "
+                         "--set teacher.std=null (repeatable)")
+    it.add_argument("--no-git", dest="git", action="store_false", help="do not initialise git and DVC")
+    sc = common(sub.add_parser("score", help="data owner: score an exported student (and the teacher) on a labelled "
+                               "ImageFolder with onnxruntime; logged to MLflow, linked to the registered version"))
+    sc.add_argument("student", help="the student ONNX file (data/export/student.onnx or the registered model's)")
+    sc.add_argument("--data", required=True, help="labelled images: <folder>/<class>/<image>")
+    sc.add_argument("--teacher", default=None, help="the teacher ONNX file, fed by the card (params.yaml teacher or --set)")
+    sc.add_argument("--out", default=None, help="also write the figures to this JSON file")
     ln = sub.add_parser("lineage", help="the chain from a registered model (or a run) back to the data")
     ln.add_argument("ref", help="model name, name/version, name@alias, or a run id")
     ln.add_argument("--json", action="store_true", help="machine-readable output")
@@ -59,7 +75,29 @@ def _stage(name: str, cfg) -> int:
     return 0
 
 
+def trace_opens(log: str) -> None:
+    """KDPIPE_TRACE_OPENS=<file>: every file this process opens is appended to <file> at exit (a Python audit
+    hook on "open"), so a data owner can check what a run read (tests/test_teacher_only.py does)."""
+    import atexit
+
+    seen: set[str] = set()
+
+    def hook(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            p = os.fsdecode(args[0])
+            seen.add(os.path.abspath(p))
+
+    def flush():
+        with open(log, "a") as f:
+            f.write("".join(f"{p}\n" for p in sorted(seen)))
+
+    sys.addaudithook(hook)
+    atexit.register(flush)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("KDPIPE_TRACE_OPENS"):
+        trace_opens(os.environ["KDPIPE_TRACE_OPENS"])
     from kdpipe.config import ConfigError, load_config
     from kdpipe.errors import DataError
     from kdpipe.pipeline import StageFailed
@@ -72,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config) if Path(args.config).exists() else load_config(None)
             return lineage.main(args.ref, tracking_uri(cfg), args.json)
+        if args.command == "init":
+            from kdpipe.project import init
+
+            init(args.dir, args.teacher, args.overrides, git=args.git)
+            return 0
+        if args.command == "score":  # on the data owner's side there may be no params.yaml: the schema's defaults
+            from kdpipe import score
+
+            cfg = load_config(args.config if Path(args.config).exists() else None, args.overrides)
+            print(score.format_text(score.score(cfg, args.student, args.data, args.teacher, args.out)), flush=True)
+            return 0
         cfg = load_config(args.config, args.overrides)
         from kdpipe.stages import STAGES
 

@@ -329,6 +329,11 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise ConfigError(f"config file '{p}' must hold a mapping at top level")
     for item in overrides:
         apply_override(tree, item)
+    return validate(tree)
+
+
+def validate(tree: dict) -> Config:
+    """The parameter tree as a Config; ConfigError naming every bad key."""
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

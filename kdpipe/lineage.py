@@ -86,7 +86,7 @@ def lineage(client, ref: str) -> dict:
     mv, run_id = _resolve(client, ref)
     run = client.get_run(run_id)
     exps = [run.info.experiment_id]
-    chain, problems = [], []
+    chain, problems, real_data, teacher = [], [], None, None
     while run is not None:
         step = _step(run)
         chain.append(step)
@@ -99,6 +99,13 @@ def lineage(client, ref: str) -> dict:
             if real:
                 problems.append(f"data-free stage '{step['stage']}' (run {run.info.run_id}) logged a non-synthetic "
                                 f"data input: {', '.join(i['name'] + ' ' + str(i.get('data_kind')) for i in real)}")
+        if tags.get("kdpipe.real_data") == "none":
+            real_data = "none"
+        if step["stage"] == "synthesize" and tags.get("teacher.source"):  # a teacher from its card: the chain's end
+            step["teacher"] = {"source": tags["teacher.source"], "sha256": tags.get("teacher.sha256"),
+                               "card": json.loads(tags.get("teacher.card", "{}"))}
+            teacher = step["teacher"]
+            break
         if step["stage"] not in UPSTREAM:
             break
         tag, producer = UPSTREAM[step["stage"]] if step["route"] != "kd-real" else ("teacher.sha256", "train-teacher")
@@ -108,11 +115,17 @@ def lineage(client, ref: str) -> dict:
             problems.append(f"broken link: no finished '{producer}' run with {tag} = {value} "
                             f"(from {step['stage']} run {run.info.run_id})")
         run = nxt
-    model = None
+    model, scores = None, []
     if mv is not None:
         model = {"name": mv.name, "version": mv.version, "aliases": list(getattr(mv, "aliases", []) or []),
                  "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
-    return {"ref": ref, "model": model, "chain": chain, "problems": problems, "ok": not problems}
+        # the data owner's checks (kdpipe score) of this version, newest first
+        for r in client.search_runs(exps, f"tags.`kdpipe.stage` = 'score' and tags.`kdpipe.scored_model` = "
+                                    f"'{mv.name}/{mv.version}'", order_by=["attributes.start_time DESC"]):
+            scores.append({"run_id": r.info.run_id, "metrics": dict(r.data.metrics), "data": r.data.params.get("data"),
+                           "start": _step(r)["start"]})
+    return {"ref": ref, "model": model, "chain": chain, "teacher": teacher, "real_data": real_data or "used",
+            "owner_scores": scores, "problems": problems, "ok": not problems}
 
 
 def format_text(res: dict) -> str:
@@ -134,6 +147,17 @@ def format_text(res: dict) -> str:
             out.append(f"             input [{i.get('data_kind')}] {i['name']} digest {i['digest']} ({i.get('context')})")
         if s["params"]:
             out.append("             " + " ".join(f"{k}={v}" for k, v in s["params"].items()))
+    if res.get("teacher"):
+        t = res["teacher"]
+        card = {k: v for k, v in t["card"].items() if k in ("input_size", "channels", "layout", "range", "mean", "std",
+                                                           "loader")}
+        out.append(f"  teacher    {t['source']}  sha256 {t['sha256']}  (a teacher card: no train-teacher run)")
+        out.append(f"             card {json.dumps(card)}, {len(t['card'].get('classes', []))} classes")
+    if res.get("real_data") == "none":
+        out.append("  real data  none: no real data was used by any stage (data.name: none)")
+    for sc in res.get("owner_scores", []):
+        m = ", ".join(f"{k}={v:.4f}" for k, v in sorted(sc["metrics"].items()))
+        out.append(f"  owner score run {sc['run_id']}  {sc['start']}  on {sc['data']}: {m}")
     route = next((s["route"] for s in res["chain"] if s.get("route")), None)
     if res["ok"] and route in ("kd-real", "kd-mixed"):
         out.append(f"  route {route}: distill trained on the real train split (kdpipe.privacy=real-data); "

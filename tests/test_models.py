@@ -109,6 +109,7 @@ def test_byo_torchscript_teacher(prepared, how, capsys, monkeypatch):
     tracked = how == "script"  # MLflow (a fresh sqlite store) once
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
     out = run_stage("train-teacher", load_config(None, [f"teacher.checkpoint={path}", "teacher.epochs=50",
+                                                        "teacher.torchscript_runs_code=true",
                                                         f"tracking.enabled={str(tracked).lower()}"]))
 
     assert out["skipped"] == "byo-teacher" and out["byo"] == f"torchscript:{sha256_file(path)[:12]}"
@@ -134,6 +135,11 @@ def test_byo_torchscript_of_another_arch_names_the_keys(prepared):
     other = _teacher({**tspec, "arch": "digits_cnn_small"})
     torch.jit.save(torch.jit.script(other), str(tmp / "small.ts"))
     cfg = load_config(None, [f"teacher.checkpoint={tmp / 'small.ts'}", "tracking.enabled=false"])
+    with pytest.raises(ConfigError, match=r"is a TorchScript archive: opening it \(torch.jit.load\) runs code.*"
+                                          r"teacher.torchscript_runs_code=true"):
+        train_teacher.run(cfg, Tracker())  # refused by default: nothing is opened with torch.jit.load
+    cfg = load_config(None, [f"teacher.checkpoint={tmp / 'small.ts'}", "tracking.enabled=false",
+                             "teacher.torchscript_runs_code=true"])
     with pytest.raises(ConfigError, match=r"\(torchscript\) does not fit teacher.arch: missing keys \['net.10.*"
                                           r"unexpected keys \['net.5.bias"):
         train_teacher.run(cfg, Tracker())

@@ -8,23 +8,15 @@ from kdpipe import accel, data, dist, paths, train
 from kdpipe.config import Config, ConfigError
 from kdpipe.models import build_model, make_spec
 from kdpipe.resume import Resume
+from kdpipe.teacher_card import is_torchscript, refuse_torchscript
 from kdpipe.train import accuracy, fit_supervised, predict
 from kdpipe.utils import load_torch, pick_device, save_json, save_torch, seed_everything, sha256_file
 
 
-def _is_torchscript(p: Path) -> bool:
-    """torch.jit.save writes a zip holding <name>/constants.pkl and <name>/code/; torch.save's zip has neither."""
-    import zipfile
-
-    if not zipfile.is_zipfile(p):
-        return False
-    with zipfile.ZipFile(p) as z:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-
-
-def load_checkpoint(model, path: str) -> tuple[str, str]:
+def load_checkpoint(model, path: str, runs_code: bool = False) -> tuple[str, str]:
     """Load a teacher checkpoint into ``model`` (strict) -> (route, sha256 of the file). Routes:
-    "state_dict" (torch.load, weights_only=True) or "torchscript" (a torch.jit.save archive, loaded
+    "state_dict" (torch.load, weights_only=True) or "torchscript" (a torch.jit.save archive: refused unless
+    ``runs_code`` (teacher.torchscript_runs_code), since torch.jit.load runs code from the file; loaded
     on CPU; only its state_dict is taken, so the network is teacher.arch's own and BN hooks and
     export work unchanged). Keys without the Classifier's ``net.`` prefix (a bare network's weights)
     load into ``model.net``, with the data's mean/std as input normalisation. One clear error
@@ -34,7 +26,9 @@ def load_checkpoint(model, path: str) -> tuple[str, str]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"teacher.checkpoint '{p}' does not exist")
-    route = "torchscript" if _is_torchscript(p) else "state_dict"
+    route = "torchscript" if is_torchscript(p) else "state_dict"
+    if route == "torchscript" and not runs_code:
+        refuse_torchscript(p, "teacher.checkpoint")
     try:
         state = torch.jit.load(str(p), map_location="cpu").state_dict() if route == "torchscript" else load_torch(p)
     except Exception as e:  # truncated, not a checkpoint, or a pickle carrying code: one line naming the file
@@ -73,7 +67,9 @@ def run(cfg: Config, tracker) -> dict:
     tracker.log_params({"teacher": cfg.teacher.model_dump(mode="json"), "seed": cfg.seed,
                         "n_params": sum(p.numel() for p in model.parameters())})
     if cfg.teacher.checkpoint:  # bring your own teacher: nothing is trained
-        route, digest = load_checkpoint(model, cfg.teacher.checkpoint)
+        route, digest = load_checkpoint(model, cfg.teacher.checkpoint, cfg.teacher.torchscript_runs_code)
+        if route == "torchscript":
+            tracker.set_tags({"teacher.loaded_with": "torch.jit.load (runs code: teacher.torchscript_runs_code)"})
         bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
         if bad:
             raise ConfigError(f"teacher.checkpoint '{cfg.teacher.checkpoint}' holds NaN/inf weights in {bad[:8]}")
