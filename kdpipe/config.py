@@ -320,7 +320,9 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
     if path is not None:
         p = Path(path)
         if not p.exists():
-            raise ConfigError(f"config file '{p}' does not exist")
+            raise ConfigError(f"config file '{p}' does not exist" + (
+                ": this folder is not a kdpipe project; make one with 'kdpipe init DIR --teacher FILE' (a teacher-only "
+                "project: no real data needed), or pass --config" if str(path) == "params.yaml" else ""))
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

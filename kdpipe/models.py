@@ -210,12 +210,14 @@ def build_model(spec: dict) -> Classifier:
     return Classifier(net, spec["mean"], spec["std"], expand_to=3 if c == 1 else 0)
 
 
-def penultimate(model: nn.Module) -> nn.Linear:
-    """The last Linear layer: its input is the feature vector (DAFL's activation term)."""
+def penultimate(model: nn.Module) -> nn.Module:
+    """The last fully-connected layer: its first input is the feature vector (DAFL's activation term). An
+    nn.Linear, or in a graph converted from ONNX (onnx2torch) its MatMul/Gemm node (tf2onnx's Dense)."""
     last = None
     for m in model.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) or type(m).__name__ in ("OnnxMatMul", "OnnxGemm"):
             last = m
     if last is None:
-        raise ValueError("model has no Linear layer")
+        raise ConfigError("synthesize.w_act > 0 needs the teacher's last fully-connected layer (Linear, MatMul or "
+                          "Gemm), and this teacher has none: set synthesize.w_act=0")
     return last
