@@ -10,7 +10,9 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     from kdpipe.stages import STAGES
 
-    p = argparse.ArgumentParser(prog="kdpipe", description="Data-free knowledge distillation pipeline.")
+    p = argparse.ArgumentParser(prog="kdpipe", description="Data-free knowledge distillation pipeline. "
+                                "'kdpipe params' lists every parameter key; 'kdpipe init' starts a teacher-only project.")
+    p.add_argument("--version", action="version", version=f"kdpipe {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
@@ -19,16 +21,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="override one parameter, e.g. --set distill.temperature=8 (repeatable)")
         return sp
 
-    r = common(sub.add_parser("run", help="run the whole pipeline under one MLflow parent run"))
+    r = common(sub.add_parser("run", help="run the whole pipeline under one MLflow parent run (dvc repro; with "
+                              "--config/--set in this process, overwriting the DVC-tracked data/ folders)"))
     r.add_argument("--dvc", dest="use_dvc", action="store_true", default=None,
                    help="run through 'dvc repro' (default when params.yaml is used unmodified in a DVC project)")
     r.add_argument("--no-dvc", dest="use_dvc", action="store_false", help="run the stages in this process")
     for s in STAGES:
-        common(sub.add_parser(s, help=f"run the {s} stage"))
+        common(sub.add_parser(s, help=STAGE_HELP[s], description=STAGE_HELP[s]))
     sv = common(sub.add_parser("serve", help="serve the pipeline flow as a scheduled Prefect deployment (flow.serve)"))
     sv.add_argument("--cron", default="0 3 * * *", help='cron schedule (default: "0 3 * * *")')
     sv.add_argument("--name", default="kdpipe-scheduled", help="deployment name (default: kdpipe-scheduled)")
-    sv.add_argument("--timezone", default="UTC")
+    sv.add_argument("--timezone", default="UTC", help="time zone of the cron schedule (default: UTC)")
     common(sub.add_parser("audit-memorization", help="data owner: nearest real sample to each synthetic one "
                           "(pixels, teacher features) -> data/reports/memorization.json + .png"))
     dg = common(sub.add_parser("dag", help="print dvc.yaml with the data deps the config needs (kdpipe/dag.py)"))
@@ -49,11 +52,34 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--data", required=True, help="labelled images: <folder>/<class>/<image>")
     sc.add_argument("--teacher", default=None, help="the teacher ONNX file, fed by the card (params.yaml teacher or --set)")
     sc.add_argument("--out", default=None, help="also write the figures to this JSON file")
+    pa = sub.add_parser("params", help="list every parameter key: type, default, range, meaning (from the schema)")
+    pa.add_argument("section", nargs="?", default=None, help="one section, e.g. synthesize or teacher")
     ln = sub.add_parser("lineage", help="the chain from a registered model (or a run) back to the data")
     ln.add_argument("ref", help="model name, name/version, name@alias, or a run id")
     ln.add_argument("--json", action="store_true", help="machine-readable output")
     ln.add_argument("--config", default="params.yaml", help="config giving tracking.uri (default: params.yaml)")
     return p
+
+
+STAGE_HELP = {
+    "prepare": "real data -> data/prepared/ (seeded, stratified splits); keys: data, seed",
+    "train-teacher": "data/prepared/ -> data/teacher/ (trains the teacher, or checks teacher.checkpoint); keys: teacher",
+    "baseline": "data/prepared/ -> data/baseline/ (the student's architecture on real data); keys: baseline, student",
+    "synthesize": "the teacher only (data/teacher/ or the card's file) -> data/synthetic/ (data-free); keys: synthesize",
+    "distill": "data/synthetic/ + the teacher -> data/student/; keys: distill (distill.data real|mixed reads data/prepared/)",
+    "evaluate": "models + the real test split -> data/reports/ (accuracy); without real data: fidelity on a held-out "
+                "synthetic set; keys: evaluate",
+    "export": "data/student/ -> data/export/student.onnx (+ INT8), checked with onnxruntime, registered in MLflow; keys: export",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdpipe")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _stage(name: str, cfg) -> int:
@@ -110,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config) if Path(args.config).exists() else load_config(None)
             return lineage.main(args.ref, tracking_uri(cfg), args.json)
+        if args.command == "params":
+            from kdpipe.config import describe
+
+            for key, typ, default, rng, meaning in describe(args.section):
+                print(f"{key:<40} {typ:<28} {default:<14} {rng:<14} {meaning}")
+            return 0
         if args.command == "init":
             from kdpipe.project import init
 

@@ -25,22 +25,22 @@ class _Section(BaseModel):
 
 class DataCfg(_Section):
     # none: a teacher-only project (no real data on the machine; the teacher comes from its card, teacher.source)
-    name: Literal["digits", "imagefolder", "mnist", "cifar10", "none"] = "digits"
+    name: Literal["digits", "imagefolder", "mnist", "cifar10", "none"] = "digits"  # the real data source; none: no real data (teacher-only project)
     root: str | None = None  # imagefolder: <root>/train/<class>/*; mnist/cifar10: torchvision root
     image_size: int | None = Field(None, ge=4, le=1024)  # square H=W; None = the dataset's own
     channels: Literal[1, 3] | None = None  # None = the dataset's own
-    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
-    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)  # share of the data carved (seeded, stratified) for validation
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)  # share of the data carved for the test split (reported once)
     private: bool = False  # the real data may not be used beyond the teacher: no baseline stage
 
 
 class TrainCfg(_Section):
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(20, ge=1)  # passes over the train split
+    batch_size: int = Field(64, ge=1)  # global batch (all ranks together under torchrun)
+    lr: float = Field(0.05, gt=0)  # peak SGD learning rate (OneCycle)
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum (Nesterov)
+    weight_decay: float = Field(5e-4, ge=0)  # SGD weight decay
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
 
 
 class TeacherCfg(TrainCfg):
@@ -49,7 +49,7 @@ class TeacherCfg(TrainCfg):
     # The teacher card (kdpipe/teacher_card.py): a teacher handed over, used as it is (no train-teacher stage).
     # null source: the teacher is train-teacher's (data/teacher). Otherwise: a *.onnx file from any producer,
     # torchvision:<name>, timm:<name> or a zoo name (these three with checkpoint = its state_dict).
-    source: str | None = None
+    source: str | None = None  # null: train-teacher's; a *.onnx file, torchvision:<name>, timm:<name> or a zoo name (README: I only have a teacher)
     input_size: int | None = Field(None, ge=4, le=1024)  # H = W of the teacher's input; null: read from the ONNX file
     channels: Literal[1, 3] | None = None  # null: read from the file (ONNX input, first conv of a state_dict)
     layout: Literal["NCHW", "NHWC"] | None = None  # the teacher's input layout; null: read from the ONNX input shape
@@ -71,13 +71,13 @@ class TeacherCfg(TrainCfg):
 
 
 class StudentCfg(_Section):
-    arch: str = "digits_cnn_small"
+    arch: str = "digits_cnn_small"  # the student's architecture: a zoo name or any torchvision classification model
 
 
 class BaselineCfg(TrainCfg):
     """The student's architecture trained from scratch on the real data (where it may be used)."""
 
-    enabled: bool = True
+    enabled: bool = True  # train the baseline (false: the stage writes a disabled spec)
 
 
 class SynthesizeCfg(_Section):
@@ -89,14 +89,14 @@ class SynthesizeCfg(_Section):
     kd_steps: int = Field(20, ge=0)  # proxy-student KD steps per round (feeds the adversarial term)
     warmup_rounds: int = Field(5, ge=0)  # rounds without adversarial term
     # generator
-    nz: int = Field(256, ge=8)
-    ngf: int = Field(32, ge=8)
-    lr_g: float = Field(3e-3, gt=0)
+    nz: int = Field(256, ge=8)  # latent code size of the generator
+    ngf: int = Field(32, ge=8)  # generator width
+    lr_g: float = Field(3e-3, gt=0)  # generator Adam learning rate
     lr_z: float = Field(1e-2, ge=0)  # 0: latent codes are not optimised
     # loss weights (0 switches a term off)
-    w_ce: float = Field(1.0, ge=0)
-    w_bn: float = Field(10.0, ge=0)
-    w_adv: float = Field(0.5, ge=0)
+    w_ce: float = Field(1.0, ge=0)  # weight of CE to the sampled target classes
+    w_bn: float = Field(10.0, ge=0)  # weight of the BN-statistics prior (DeepInversion)
+    w_adv: float = Field(0.5, ge=0)  # weight of the adversarial teacher-student disagreement term
     w_act: float = Field(0.0, ge=0)  # DAFL activation term
     w_ie: float = Field(0.0, ge=0)  # DAFL information entropy (class balance; balanced_targets does this by default)
     w_tv: float = Field(0.0, ge=0)  # image prior (DeepInversion): total variation; stands in for w_bn without BN
@@ -105,29 +105,29 @@ class SynthesizeCfg(_Section):
     # SSD-KD parts
     phi: bool = False  # modulating function φ on the generator's adversarial term (off: see docs/benchmarks.md)
     phi_ce: bool = False  # ... and on the generator's CE term (the note's choice; pushes samples to high confidence)
-    phi_gamma: float = Field(2.0, ge=0)
-    phi_clip: float = Field(5.0, gt=1)
+    phi_gamma: float = Field(2.0, ge=0)  # focusing exponent γ of φ
+    phi_clip: float = Field(5.0, gt=1)  # φ's upper clip
     eviction: Literal["balanced", "fifo"] = "balanced"  # buffer: oldest of the largest class, or oldest
     # what the stage writes: the replay buffer as it ends (the last rounds' samples), or a uniform reservoir sample
     # of every round's samples (Algorithm R, kdpipe/synth/replay.py); the buffer feeds the proxy student either way
     keep: Literal["buffer", "reservoir"] = "buffer"
     balanced_targets: bool = False  # draw target classes inversely to the buffer histogram
     priority: bool = False  # prioritized replay δ for the proxy student (off: see docs/benchmarks.md)
-    alpha: float = Field(0.6, ge=0)
-    beta0: float = Field(0.4, ge=0, le=1)
+    alpha: float = Field(0.6, ge=0)  # prioritized replay: priority exponent α
+    beta0: float = Field(0.4, ge=0, le=1)  # prioritized replay: importance-weight exponent β at the start (annealed to 1)
     iw_norm: Literal["max", "mean"] = "mean"  # importance weights / their batch mean (the loss keeps its scale) or max (Schaul et al.)
     meta: bool = False  # Reptile-style meta update of the generator (Fast's fast/meta warm start)
-    meta_lr: float = Field(0.5, gt=0, le=1)
-    kd_lr: float = Field(0.05, gt=0)
-    temperature: float = Field(4.0, gt=0)
+    meta_lr: float = Field(0.5, gt=0, le=1)  # Reptile step η of the meta update
+    kd_lr: float = Field(0.05, gt=0)  # proxy student's SGD learning rate
+    temperature: float = Field(4.0, gt=0)  # proxy student's KD temperature
 
 
 class ScheduleCfg(_Section):
     """A value over training (kdpipe.schedules.value); start/end None = the base value (e.g. distill.temperature)."""
 
-    kind: Literal["constant", "linear", "cosine", "step"] = "constant"
-    start: float | None = Field(None, gt=0)
-    end: float | None = Field(None, gt=0)
+    kind: Literal["constant", "linear", "cosine", "step"] = "constant"  # how the value moves over the steps
+    start: float | None = Field(None, gt=0)  # value at the first step (null: the base value)
+    end: float | None = Field(None, gt=0)  # value at the last step (null: the base value)
     milestones: list[float] = []  # step: fractions of training in (0, 1) where the value jumps towards end
 
     @model_validator(mode="after")
@@ -138,17 +138,17 @@ class ScheduleCfg(_Section):
 
 
 class AlphaScheduleCfg(ScheduleCfg):
-    start: float | None = Field(None, ge=0, le=1)
-    end: float | None = Field(None, ge=0, le=1)
+    start: float | None = Field(None, ge=0, le=1)  # α at the first step (null: distill.alpha)
+    end: float | None = Field(None, ge=0, le=1)  # α at the last step (null: distill.alpha)
 
 
 class DistillCfg(_Section):
     epochs: int = Field(10, ge=1)  # from the proxy student (init: synthesis); 40 from scratch (docs/benchmarks.md)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    temperature: float = Field(4.0, gt=0)
+    batch_size: int = Field(128, ge=1)  # global batch
+    lr: float = Field(0.05, gt=0)  # peak SGD learning rate (OneCycle)
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum (Nesterov)
+    weight_decay: float = Field(5e-4, ge=0)  # SGD weight decay
+    temperature: float = Field(4.0, gt=0)  # KD temperature T (T² scales the loss)
     alpha: float = Field(1.0, ge=0, le=1)  # weight of KD; (1-alpha) on CE to the teacher's argmax
     priority: bool = False  # draw batches by prioritized replay δ over the synthetic set (off: docs/benchmarks.md)
     phi: bool = False  # weight per-sample KD by the modulating function φ (off: see docs/benchmarks.md)
@@ -163,7 +163,7 @@ class DistillCfg(_Section):
     data: Literal["synthetic", "real", "mixed"] = "synthetic"  # data/synthetic | the real train split | both
     real_fraction: float = Field(0.5, gt=0, lt=1)  # mixed: share of each batch drawn from the real train split
     finetune_epochs: int = Field(0, ge=0)  # last phase on hard labels (real ones when data is real|mixed); 0: off
-    finetune_lr: float = Field(0.01, gt=0)
+    finetune_lr: float = Field(0.01, gt=0)  # learning rate of the fine-tune phase (cosine decay)
     # the student's start: "synthesis" = the proxy student trained alongside the generator (Fast-DFKD's student,
     # data/synthetic/student.pt) on the routes that read the synthetic set; the real route always starts from scratch
     init: Literal["synthesis", "scratch"] = "synthesis"
@@ -188,8 +188,8 @@ class TeacherRefCfg(_Section):
 
 
 class ExportCfg(_Section):
-    opset: int = Field(18, ge=13, le=23)
-    atol: float = Field(1e-4, gt=0)
+    opset: int = Field(18, ge=13, le=23)  # ONNX opset of the exported student
+    atol: float = Field(1e-4, gt=0)  # largest |onnxruntime − PyTorch| logit difference accepted
     int8: bool = True  # also data/export/student.int8.onnx: static QDQ INT8, calibrated on synthetic samples only
     calibration_samples: int = Field(512, ge=1)  # synthetic samples drawn (seeded) for INT8 calibration
     # INT8 activations: int8 = S8S8 (onnxruntime's recommended default), uint8 = U8S8 (the faster kernels on
@@ -225,9 +225,9 @@ class SpeedCfg(_Section):
 
 
 class TrackingCfg(_Section):
-    enabled: bool = True
+    enabled: bool = True  # log to MLflow
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project
-    experiment: str = "kdpipe"
+    experiment: str = "kdpipe"  # MLflow experiment name
     registered_model: str | None = "kdpipe-student"  # export registers the ONNX student here (None: no)
     alias: str | None = "candidate"  # ... and points this alias at the new version
 
@@ -235,7 +235,7 @@ class TrackingCfg(_Section):
 class ResumeCfg(_Section):
     """Resume checkpoints of the long stages (train-teacher, synthesize, distill): kdpipe/resume.py."""
 
-    enabled: bool = True
+    enabled: bool = True  # checkpoint long stages and resume them after a kill
     every: int = Field(5, ge=1)  # epochs (train-teacher, distill) or rounds (synthesize) between checkpoints
     dir: str = "data/.resume"  # scratch, not a DVC output (git-ignored); <dir>/<stage>.pt
 
@@ -248,8 +248,8 @@ class AuditCfg(_Section):
 
 
 class Config(_Section):
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0  # seeds every random stream (splits, init, synthesis, batches)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
     data: DataCfg = DataCfg()
     teacher: TeacherCfg = TeacherCfg()
     student: StudentCfg = StudentCfg()
@@ -288,7 +288,7 @@ def _fmt_error(err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
+            lines.append(f"unknown key '{key}'" + did_you_mean(key, [r[0] for r in describe()]))
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a section's validator: its message names the keys
             lines.append(e["msg"].removeprefix("Value error, ") if key == "<root>" else f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
@@ -355,3 +355,78 @@ def dump_params() -> str:
 
 if __name__ == "__main__":
     print(dump_params(), end="")
+
+
+def _comments() -> dict[tuple[str, str], str]:
+    """(class name, field) -> the comment after the field on its line, else the comment lines just above it:
+    the schema's one-line meanings (``kdpipe params``)."""
+    import io
+    import tokenize
+
+    out, cls, field, block = {}, None, None, []
+    for tok in tokenize.generate_tokens(io.StringIO(Path(__file__).read_text()).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 0:
+            cls = None
+            if tok.string == "class":
+                cls = ""
+        elif tok.type == tokenize.NAME and cls == "":
+            cls = tok.string
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and cls and field is None:
+            field = tok.string
+        elif tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("# ").strip()
+            if field:
+                out.setdefault((cls, field), text)
+            elif tok.start[1] == 4:
+                block.append(text)
+        elif tok.type == tokenize.NEWLINE:
+            if field and block:
+                out.setdefault((cls, field), " ".join(block))
+            field, block = None, []
+    return out
+
+
+def _bounds(field) -> str:
+    parts = []
+    for m in field.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                parts.append(f"{sym} {getattr(m, attr)}")
+    return ", ".join(parts)
+
+
+def _type_name(ann) -> str:
+    text = str(ann).replace("typing.", "").replace("kdpipe.config.", "")
+    return text.removeprefix("<class '").removesuffix("'>")
+
+
+def describe(section: str | None = None) -> list[tuple[str, str, str, str, str]]:
+    """(key, type, default, range, meaning) of every parameter (of one section), from the schema itself."""
+    notes = _comments()
+
+    def walk(model, prefix):
+        for name, f in model.model_fields.items():
+            key = f"{prefix}{name}"
+            sub = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
+            if sub is not None:
+                yield from walk(sub, key + ".")
+                continue
+            owner = next(c.__name__ for c in model.__mro__ if name in getattr(c, "__annotations__", {}))
+            default = f.default if f.default_factory is None else f.default_factory()
+            yield (key, _type_name(f.annotation), json.dumps(default if not isinstance(default, BaseModel)
+                                                                 else default.model_dump(mode="json")),
+                   _bounds(f), notes.get((owner, name), ""))
+
+    rows = list(walk(Config, ""))
+    if section:
+        rows = [r for r in rows if r[0] == section or r[0].startswith(section + ".")]
+        if not rows:
+            raise ConfigError(f"unknown section '{section}'{did_you_mean(section, [r[0] for r in walk(Config, '')])}")
+    return rows
+
+
+def did_you_mean(key: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -58,3 +58,29 @@ def test_cli_exit_2_before_any_work(tmp_path):
 
 def test_params_digest_changes_with_params():
     assert Config().digest() != load_config(ROOT / "params.yaml", ["seed=1"]).digest()
+
+
+def test_params_lists_every_key_and_did_you_mean(capsys):
+    from kdpipe.cli import main
+    from kdpipe.config import Config, describe
+
+    rows = describe()
+    assert len(rows) == len(_flat_keys(Config().model_dump(mode="json")))
+    assert all(r[4] for r in rows), [r[0] for r in rows if not r[4]]  # every key has its one line of meaning
+    assert main(["params", "synthesize"]) == 0
+    out = capsys.readouterr().out
+    assert "synthesize.w_tv" in out and "synthesize.capacity" in out and ">= 16" in out and "distill." not in out
+    with pytest.raises(ConfigError, match=r"unknown key 'synthesize.rouns' \(did you mean 'synthesize.rounds'\?\)"):
+        load_config(None, ["synthesize.rouns=3"])
+    assert main(["params", "synthesise"]) == 2
+    assert "did you mean 'synthesize" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("kdpipe 0.1.0")
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out

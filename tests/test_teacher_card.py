@@ -168,3 +168,30 @@ def test_input_adapter_inverts_the_card():
     assert xt.shape == (4, 6, 6, 3)
     assert torch.allclose(xt[..., 1], (x[:, 1] * 255 - 110) / 50)
     assert torch.allclose(InputAdapter(nn.Identity(), conv)(xt), x, atol=1e-5)
+
+
+def test_dag_without_real_data(tmp_path, monkeypatch):
+    """`kdpipe dag` of a teacher-only config: no prepare, train-teacher or baseline; the teacher file is the dep
+    of every stage that reads the teacher, the card (params: teacher) too; the default config renders as committed."""
+    import yaml
+
+    from kdpipe import dag
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "dvc.yaml").read_text()
+    assert dag.render(load_config(root / "params.yaml"), text) == text
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.name=none", f"teacher.source={KERAS}", "teacher.range=[0, 255]", *NO_NORM])
+    doc = yaml.safe_load(dag.render(cfg, text))
+    assert list(doc["stages"]) == ["synthesize", "distill", "evaluate", "export"]
+    for stage in doc["stages"].values():
+        data = [d for d in stage["deps"] if not d.startswith("kdpipe/")]
+        assert str(KERAS) in data and "data/prepared" not in data and "data/teacher" not in data
+        assert "teacher" in stage["params"]
+    assert yaml.safe_load(dag.project_yaml(cfg))["stages"].keys() == doc["stages"].keys()
+    dag.check(cfg, _write(tmp_path / "dvc.yaml", dag.project_yaml(cfg)))  # kdpipe init's dvc.yaml is up to date
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
