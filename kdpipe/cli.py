@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", default=None, help="also write the figures to this JSON file")
     pa = sub.add_parser("params", help="list every parameter key: type, default, range, meaning (from the schema)")
     pa.add_argument("section", nargs="?", default=None, help="one section, e.g. synthesize or teacher")
+    st = common(sub.add_parser("activation-stats", help="data owner, for a teacher without BatchNorm: per-channel mean "
+                               "and variance of every convolution's output on their images -> a small file for "
+                               "synthesize.stats (the BN prior's targets)"))
+    st.add_argument("--data", required=True, help="the owner's images: <folder>/<class>/<image>")
+    st.add_argument("--out", default="activation_stats.pt", help="the file to hand over (default: activation_stats.pt)")
     ln = sub.add_parser("lineage", help="the chain from a registered model (or a run) back to the data")
     ln.add_argument("ref", help="model name, name/version, name@alias, or a run id")
     ln.add_argument("--json", action="store_true", help="machine-readable output")
@@ -147,11 +152,16 @@ def main(argv: list[str] | None = None) -> int:
 
             init(args.dir, args.teacher, args.overrides, git=args.git)
             return 0
-        if args.command == "score":  # on the data owner's side there may be no params.yaml: the schema's defaults
+        if args.command in ("score", "activation-stats"):  # the owner's side may have no params.yaml: defaults
             from kdpipe import score
 
             cfg = load_config(args.config if Path(args.config).exists() else None, args.overrides)
-            print(score.format_text(score.score(cfg, args.student, args.data, args.teacher, args.out)), flush=True)
+            if args.command == "activation-stats":
+                r = score.owner_stats(cfg, args.data, args.out)
+                print(f"[kdpipe] {args.out}: mean and variance of {r['layers']} convolutions over {r['n_images']} "
+                      f"images, teacher sha256 {r['teacher_sha256'][:12]}", flush=True)
+            else:
+                print(score.format_text(score.score(cfg, args.student, args.data, args.teacher, args.out)), flush=True)
             return 0
         cfg = load_config(args.config, args.overrides)
         from kdpipe.stages import STAGES

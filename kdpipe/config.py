@@ -101,6 +101,9 @@ class SynthesizeCfg(_Section):
     w_ie: float = Field(0.0, ge=0)  # DAFL information entropy (class balance; balanced_targets does this by default)
     w_tv: float = Field(0.0, ge=0)  # image prior (DeepInversion): total variation; stands in for w_bn without BN
     w_l2: float = Field(0.0, ge=0)  # image prior: ℓ2 of the image about mid-grey
+    # the data owner's activation statistics of a teacher without BN (kdpipe activation-stats): the BN prior's
+    # targets, weighted by w_bn; null: none
+    stats: str | None = None
     bn_momentum: float = Field(0.9, ge=0, lt=1)  # Fast: batch stats mixed with momentum
     # SSD-KD parts
     phi: bool = False  # modulating function φ on the generator's adversarial term (off: see docs/benchmarks.md)

@@ -45,7 +45,7 @@ def _run(cmd: list[str], cwd: Path) -> None:
 
 
 def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: bool = True) -> Path:
-    from kdpipe.teacher_card import has_batchnorm, is_torchscript, load_card
+    from kdpipe.teacher_card import CARD_KEYS, has_batchnorm, is_file_source, is_torchscript, load_card
 
     dest, src = Path(dest).resolve(), Path(teacher)
     if not src.is_file():
@@ -55,7 +55,7 @@ def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: 
     tree = Config().model_dump(mode="json")
     tree["data"]["name"] = "none"
     tree["baseline"]["enabled"] = False
-    for k in ("source", "checkpoint", "input_size", "channels", "layout", "range", "mean", "std", "classes"):
+    for k in CARD_KEYS:
         tree["teacher"].pop(k)  # the card: only what the user says or the file tells (mean/std must be said)
     for item in overrides:
         apply_override(tree, item)
@@ -65,7 +65,7 @@ def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: 
     if whole_file:
         t["source"] = rel
     else:  # a state_dict: its architecture comes from --set teacher.source=torchvision:<name> | timm:<name> | zoo name
-        if not t.get("source") or Path(str(t["source"])).suffix:
+        if not t.get("source") or is_file_source(str(t["source"])):
             raise ConfigError(f"--teacher '{src}' is a state_dict: name its architecture with --set teacher.source="
                               "torchvision:<name>, timm:<name> or a zoo name")
         t["checkpoint"] = rel
@@ -78,6 +78,12 @@ def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: 
     for f in extra:
         shutil.copy2(f, dest / "teacher" / Path(f).name)
         t["classes"] = f"teacher/{Path(f).name}"
+    stats = tree.get("synthesize", {}).get("stats")
+    if stats:  # the data owner's activation statistics travel with the teacher
+        if not Path(stats).is_file():
+            raise ConfigError(f"synthesize.stats '{stats}' does not exist")
+        shutil.copy2(stats, dest / "teacher" / Path(stats).name)
+        tree["synthesize"]["stats"] = f"teacher/{Path(stats).name}"
     try:
         with _cwd(dest):
             cfg = validate(tree)
@@ -88,7 +94,7 @@ def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: 
     t.update({"input_size": card.input_size, "channels": card.channels, "layout": card.layout})
     if not isinstance(t.get("classes"), str):
         t["classes"] = card.classes
-    bn = has_batchnorm(model)
+    bn = has_batchnorm(model) or bool(stats)  # the owner's statistics stand in for BN's
     if not bn:
         said = {o.split("=", 1)[0].strip() for o in overrides}
         for k, v in NO_BN_RECIPE.items():

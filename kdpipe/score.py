@@ -169,3 +169,20 @@ def format_text(res: dict) -> str:
         lines.append(f"  MLflow run {res['run_id']}" + (f", linked to {res['linked_model']}" if res.get("linked_model")
                                                          else " (no registered version holds this ONNX file)"))
     return "\n".join(lines)
+
+
+def owner_stats(cfg: Config, folder: str, out: str, batch: int = 256) -> dict:
+    """``kdpipe activation-stats``: the data owner's aggregate for a teacher without BatchNorm. Per-channel mean and
+    variance of every convolution's output of the card's teacher over the labelled or unlabelled images of
+    ``folder`` (ImageFolder), written to ``out`` (tensors only: loaded with weights_only=True) with the teacher's
+    sha256; synthesis matches them as the BN prior (``synthesize.stats``). Two numbers per channel: no image,
+    no label, no per-sample value leaves the owner."""
+    from kdpipe.synth.bn_hooks import activation_stats
+    from kdpipe.teacher_card import load_card
+    from kdpipe.utils import save_torch
+
+    teacher, card = load_card(cfg.teacher)
+    x, _, files = read_folder(Path(folder), card.classes, card.channels, card.input_size)
+    layers = activation_stats(teacher, x.split(batch))
+    save_torch({"teacher_sha256": card.sha256, "n_images": len(files), "layers": layers}, out)
+    return {"out": out, "n_images": len(files), "layers": len(layers), "teacher_sha256": card.sha256}

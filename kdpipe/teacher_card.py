@@ -95,14 +95,14 @@ class Card:
         return {"layout": self.layout, "range": list(self.range), "mean": self.mean, "std": self.std}
 
 
-def _is_file_source(source: str) -> bool:
+def is_file_source(source: str) -> bool:
     p = Path(source)
     return p.suffix.lower() in (".onnx", ".pt", ".pth", ".ts", ".jit") or p.is_file()
 
 
 def card_files(t: TeacherCfg) -> list[str]:
     """The files a card's teacher is read from: the ONNX/TorchScript file or the checkpoint, and a classes file."""
-    files = [t.source] if _is_file_source(t.source) else [t.checkpoint] if t.checkpoint else []
+    files = [t.source] if is_file_source(t.source) else [t.checkpoint] if t.checkpoint else []
     return files + ([t.classes] if isinstance(t.classes, str) else [])
 
 
@@ -216,6 +216,17 @@ def _load_named(t: TeacherCfg, n_classes: int, channels: int) -> nn.Module:
                       f"({', '.join(sorted(ZOO))})")
 
 
+def load_strict(net: nn.Module, state: dict, what: str) -> None:
+    """``net.load_state_dict(state)``, or one ConfigError: ``what``, then the missing/unexpected keys or the shapes."""
+    missing, unexpected = net.state_dict().keys() - state.keys(), state.keys() - net.state_dict().keys()
+    if missing or unexpected:
+        raise ConfigError(f"{what}: missing keys {sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"{what}: {e}") from None
+
+
 def _first_conv_channels(state: dict) -> int | None:
     w = next((v for v in state.values() if torch.is_tensor(v) and v.dim() == 4), None)
     return int(w.shape[1]) if w is not None and w.shape[1] in (1, 3) else None
@@ -235,7 +246,7 @@ def load_card(t: TeacherCfg) -> tuple[CardTeacher, Card]:
             "normalisation applied before it, in units of range (null: none; ImageNet: [0.485, 0.456, 0.406] / "
             "[0.229, 0.224, 0.225])")
     src = Path(t.source)
-    if _is_file_source(t.source):
+    if is_file_source(t.source):
         if not src.is_file():
             raise ConfigError(f"teacher.source '{src}' does not exist")
         if src.suffix.lower() == ".onnx":
@@ -282,15 +293,8 @@ def load_card(t: TeacherCfg) -> tuple[CardTeacher, Card]:
         raise ConfigError(f"teacher.mean has {len(t.mean)} values for a {channels}-channel teacher")
     if net is None:
         net = _load_named(t, len(classes), channels)
-        missing_k, unexpected = net.state_dict().keys() - state.keys(), state.keys() - net.state_dict().keys()
-        if missing_k or unexpected:
-            raise ConfigError(f"teacher.checkpoint '{t.checkpoint}' does not fit teacher.source '{t.source}' with "
-                              f"{len(classes)} classes: missing keys {sorted(missing_k)[:8]}, unexpected {sorted(unexpected)[:8]}")
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as e:
-            raise ConfigError(f"teacher.checkpoint '{t.checkpoint}' does not fit teacher.source '{t.source}' with "
-                              f"{len(classes)} classes: {str(e).splitlines()[-1].strip()}") from None
+        load_strict(net, state, f"teacher.checkpoint '{t.checkpoint}' does not fit teacher.source '{t.source}' "
+                                f"with {len(classes)} classes")
     card = Card(t.source, t.checkpoint, int(size), int(channels), layout, tuple(t.range), t.mean, t.std, classes,
                 card_files(t), digest, loader)
     teacher = CardTeacher(net, *card.range, card.mean, card.std, layout == "NHWC").eval().requires_grad_(False)

@@ -195,3 +195,44 @@ def test_dag_without_real_data(tmp_path, monkeypatch):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_owner_activation_stats_stand_in_for_bn(tmp_path):
+    """The data owner's aggregate for a teacher without BN: exact per-channel mean/variance of every convolution's
+    output over their images; the prior on them is zero on a batch with those statistics and grows off them;
+    a stats file of another teacher is refused."""
+    from kdpipe.score import owner_stats
+    from kdpipe.stages.synthesize import owner_stats as read_stats
+    from kdpipe.synth.bn_hooks import activation_stats
+    from test_teacher_only import owner_folder
+
+    teacher, c = load_card(card(f"teacher.source={KERAS}", "teacher.range=[0, 255]", *NO_NORM))
+    x = torch.rand(50, 1, 8, 8)
+    stats = activation_stats(teacher, x.split(16))
+    convs = {n: m for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d)}
+    assert set(stats) == set(convs) and len(stats) == 3
+    seen = {}
+    h = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o)) for n, m in convs.items()]
+    with torch.no_grad():
+        teacher(x)
+    for hh in h:
+        hh.remove()
+    for n, o in seen.items():
+        assert torch.allclose(stats[n]["mean"], o.mean(dim=(0, 2, 3)), atol=1e-5)
+        assert torch.allclose(stats[n]["var"], o.transpose(0, 1).flatten(1).var(1, unbiased=False), atol=1e-4)
+    prior = BNPrior(teacher, 0.0, stats)
+    with torch.no_grad():
+        teacher(x)
+    assert prior.loss().item() < 1e-3
+    with torch.no_grad():
+        teacher(x * 0.2)
+    assert prior.loss().item() > 0.1
+    prior.remove()
+
+    folder = owner_folder(tmp_path / "owner")
+    cfg = load_config(None, ["data.name=none", f"teacher.source={KERAS}", "teacher.range=[0, 255]", *NO_NORM])
+    r = owner_stats(cfg, str(folder), str(tmp_path / "stats.pt"))
+    assert r["n_images"] == 360 and r["layers"] == 3
+    assert set(read_stats(str(tmp_path / "stats.pt"), c.sha256)) == set(convs)
+    with pytest.raises(ConfigError, match="was not made for this teacher"):
+        read_stats(str(tmp_path / "stats.pt"), "0" * 64)

@@ -8,6 +8,7 @@ and the BN prior sums over every member's BatchNorm layers.
 Each round (Fast-Datafree's rhythm, with SSD-KD's balancing and replay):
   1. g_steps generator steps on fresh latent codes, warm-started from the last round:
        L_G = Σ_i [φ_i·(w_adv·ℓ_adv + w_act·ℓ_act) + φ_i^{phi_ce}·w_ce·ℓ_ce]/N + w_bn·L_BN + w_ie·L_ie
+           + Σ_i (w_tv·ℓ_tv + w_l2·ℓ_l2)/N   (the image prior: what stands in for L_BN when the teacher has no BN)
      (optionally a Reptile meta update: θ ← θ + η(θ_fast − θ));
   2. the round's samples enter the buffer (partial update; balanced eviction), and, with ``keep: reservoir``,
      a uniform reservoir over all rounds (what is then written instead of the final buffer);
@@ -43,7 +44,7 @@ from kdpipe.synth.replay import ReplayBuffer, Reservoir, anneal_beta
 from kdpipe.teachers import load_teachers, teacher_digest, teacher_files
 from kdpipe.resume import Resume
 from kdpipe.train import check_finite_steps, check_weights
-from kdpipe.utils import atomic_path, dvc_md5
+from kdpipe.utils import atomic_path, dvc_md5, sha256_file
 from kdpipe.utils import pick_device, save_json, save_torch, seed_everything, sha256_tensors
 
 
@@ -76,6 +77,21 @@ def sample_grid(x: torch.Tensor, labels: torch.Tensor, classes: list[str], path,
         canvas.save(tmp, format="PNG")
 
 
+def owner_stats(path: str, teacher_sha256: str) -> dict:
+    """The data owner's activation statistics (``synthesize.stats``, kdpipe activation-stats), checked to be of
+    this teacher: {module name: {"mean", "var"}}."""
+    from kdpipe.config import ConfigError
+    from kdpipe.utils import load_torch
+
+    if not Path(path).is_file():
+        raise ConfigError(f"synthesize.stats '{path}' does not exist")
+    st = load_torch(path)
+    if not isinstance(st, dict) or st.get("teacher_sha256") != teacher_sha256:
+        raise ConfigError(f"synthesize.stats '{path}' was not made for this teacher (sha256 {teacher_sha256[:12]}): "
+                          "make it with 'kdpipe activation-stats' on the teacher's own file")
+    return st["layers"]
+
+
 def run(cfg: Config, tracker) -> dict:
     s, speed = cfg.synthesize, cfg.speed
     g = seed_everything(cfg.seed)
@@ -89,12 +105,16 @@ def run(cfg: Config, tracker) -> dict:
         accel.frozen_module(m, speed, device)  # the memory format (channels_last on CUDA), in place
     opt_g = accel.adam(gen.parameters(), s.lr_g, (0.5, 0.999), speed, device)
     opt_s = accel.sgd(student.parameters(), s.kd_lr, 0.9, 5e-4, speed, device)
-    bn = BNPrior(teacher, s.bn_momentum)
-    if not bn.hooks:  # said once: the BN-statistics prior, the term that matters most with BN, is not there
+    stats = owner_stats(s.stats, teacher_digest(cfg)) if s.stats else None
+    bn = BNPrior(teacher, s.bn_momentum, stats)
+    if stats:
+        tracker.set_tags({"synthesize.stats.sha256": sha256_file(s.stats)})
+    elif not bn.hooks:  # said once: the BN-statistics prior, the term that matters most with BN, is not there
         print(f"[kdpipe] synthesize: the teacher has no BatchNorm layers (folded by its exporter?): no BN-statistics "
               f"prior (synthesize.w_bn has no effect); synthesis relies on CE, adversarial, DAFL (w_act {s.w_act}, "
               f"w_ie {s.w_ie}) and the image prior (w_tv {s.w_tv}, w_l2 {s.w_l2})", flush=True)
-    tracker.set_tags({"kdpipe.bn_prior": f"{len(bn.hooks)} BatchNorm layers" if bn.hooks else "absent (no BatchNorm)"})
+    tracker.set_tags({"kdpipe.bn_prior": f"the data owner's statistics of {len(bn.hooks)} convolutions" if stats else
+                      f"{len(bn.hooks)} BatchNorm layers" if bn.hooks else "absent (no BatchNorm)"})
     if cfg.teacher.source:  # a teacher from its card: what it is, with the hash of its file
         tracker.set_tags({"teacher.source": cfg.teacher.source, "teacher.card": json.dumps(tspec["card"])})
     feats = {}
@@ -111,7 +131,8 @@ def run(cfg: Config, tracker) -> dict:
     t0, t_gen = time.perf_counter(), 0.0
     code = [__file__, *sorted(Path(__file__).parents[1].joinpath("synth").glob("*.py"))]
     members = [t.checkpoint for t in cfg.teachers if t.checkpoint]
-    resume = Resume(cfg, "synthesize", [*teacher_files(cfg), *members, *code], unit="round")
+    resume = Resume(cfg, "synthesize", [*teacher_files(cfg), *members, *([s.stats] if s.stats else []), *code],
+                    unit="round")
     state = resume.load(tracker, g)
     if state:  # everything that carries over from one round to the next
         for obj, k in ((gen, "gen"), (opt_g, "opt_g"), (student, "student"), (opt_s, "opt_s"), (buf, "buffer")):
@@ -152,11 +173,10 @@ def run(cfg: Config, tracker) -> dict:
                 per = per + s.w_act * act_term(feats["f"].float())
             l_ce, l_per = ((w if s.phi_ce else 1.0) * ce).mean(), (w * per).mean()
             l_bn, l_ie = s.w_bn * bn.loss(), s.w_ie * ie_term(t_logits)
-            if s.w_tv > 0 or s.w_l2 > 0:  # the image prior (its own term in the NaN report: folded into bn)
-                x32 = x.float()
-                l_bn = l_bn + (s.w_tv * tv_term(x32) + s.w_l2 * l2_term(x32)).mean()
-            loss_g = l_per + l_ce + l_bn + l_ie
-            terms.append(torch.stack([loss_g, l_ce, l_per, l_bn, l_ie]).detach())
+            l_img = (s.w_tv * tv_term(x.float()) + s.w_l2 * l2_term(x.float())).mean() if s.w_tv or s.w_l2 \
+                else torch.zeros_like(l_ie)  # the image prior (DeepInversion)
+            loss_g = l_per + l_ce + l_bn + l_ie + l_img
+            terms.append(torch.stack([loss_g, l_ce, l_per, l_bn, l_ie, l_img]).detach())
             opt.zero_grad(set_to_none=True)
             if opt_z:
                 opt_z.zero_grad(set_to_none=True)
@@ -165,7 +185,7 @@ def run(cfg: Config, tracker) -> dict:
             if opt_z:
                 opt_z.step()
         check_finite_steps(f"synthesize (generator, round {r})", r * s.g_steps,
-                           **dict(zip(("total", "ce", "adv_act", "bn", "ie"), torch.stack(terms).unbind(1))))
+                           **dict(zip(("total", "ce", "adv_act", "bn", "ie", "image"), torch.stack(terms).unbind(1))))
         if s.meta:  # Reptile: θ ← θ + η (θ_fast − θ)
             with torch.no_grad():
                 for p, q in zip(gen.parameters(), fast.parameters()):

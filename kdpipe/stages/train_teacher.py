@@ -8,7 +8,7 @@ from kdpipe import accel, data, dist, paths, train
 from kdpipe.config import Config, ConfigError
 from kdpipe.models import build_model, make_spec
 from kdpipe.resume import Resume
-from kdpipe.teacher_card import is_torchscript, refuse_torchscript
+from kdpipe.teacher_card import is_torchscript, load_strict, refuse_torchscript
 from kdpipe.train import accuracy, fit_supervised, predict
 from kdpipe.utils import load_torch, pick_device, save_json, save_torch, seed_everything, sha256_file
 
@@ -44,14 +44,7 @@ def load_checkpoint(model, path: str, runs_code: bool = False) -> tuple[str, str
     if not isinstance(state, dict):
         raise ConfigError(f"teacher.checkpoint '{p}' holds a {type(state).__name__}, not a state_dict")
     target = model.net if hasattr(model, "net") and not any(k.startswith("net.") for k in state) else model
-    missing, unexpected = target.state_dict().keys() - state.keys(), state.keys() - target.state_dict().keys()
-    if missing or unexpected:
-        raise ConfigError(f"teacher.checkpoint '{p}' ({route}) does not fit teacher.arch: missing keys "
-                          f"{sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}")
-    try:
-        target.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConfigError(f"teacher.checkpoint '{p}' ({route}) does not fit teacher.arch: {e}") from None
+    load_strict(target, state, f"teacher.checkpoint '{p}' ({route}) does not fit teacher.arch")
     return route, sha256_file(p)
 
 

@@ -1,8 +1,13 @@
-"""BatchNorm-statistics prior (DeepInversion, as in Fast-Datafree).
+"""BatchNorm-statistics prior (DeepInversion, as in Fast-Datafree), and the same prior on the data owner's
+activation statistics for a teacher without BatchNorm.
 
 For every BN layer l of the frozen teacher, with batch statistics μ_l, σ²_l of its input
 (mixed with the previous batch's by momentum m, as Fast does: μ ← m·μ_prev + (1−m)·μ_batch):
     L_BN = Σ_l ‖μ_l − μ_l^run‖₂ + ‖σ²_l − σ²_l^run‖₂
+Without BN (folded by the exporter), the targets can come from the data owner instead (``kdpipe activation-stats``,
+``synthesize.stats``): per-channel mean and variance of every convolution's output on their data, μ_l^own, σ²_l^own,
+the same kind of aggregate as BN's running statistics; then L_BN = Σ_l ‖μ_l − μ_l^own‖₂ + ‖σ²_l − σ²_l^own‖₂ with
+μ_l, σ²_l the batch statistics of that convolution's output.
 """
 from __future__ import annotations
 
@@ -10,21 +15,29 @@ import torch
 from torch import nn
 
 
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of an N×C×H×W batch, in fp32."""
+    x = x.float()  # fp32 statistics under bf16 autocast (a no-op on fp32)
+    return x.mean(dim=(0, 2, 3)), x.permute(1, 0, 2, 3).flatten(1).var(dim=1, unbiased=False)
+
+
 class BNStatsHook:
-    def __init__(self, module: nn.BatchNorm2d, momentum: float = 0.0):
-        self.module, self.momentum = module, momentum
+    """The prior's term for one layer: the statistics of the BN layer's input against its running statistics,
+    or (``target``) of the module's output against given statistics."""
+
+    def __init__(self, module: nn.Module, momentum: float = 0.0, target: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.module, self.momentum, self.target = module, momentum, target
         self.mean_prev = self.var_prev = None
         self.loss = torch.zeros(())
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        x = inputs[0].float()  # fp32 statistics under bf16 autocast (a no-op on fp32)
-        mean = x.mean(dim=(0, 2, 3))
-        var = x.permute(1, 0, 2, 3).flatten(1).var(dim=1, unbiased=False)
+        mean, var = channel_stats(inputs[0] if self.target is None else output)
         if self.momentum > 0 and self.mean_prev is not None:
             mean = self.momentum * self.mean_prev + (1 - self.momentum) * mean
             var = self.momentum * self.var_prev + (1 - self.momentum) * var
-        self.loss = torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2)
+        run_mean, run_var = (module.running_mean, module.running_var) if self.target is None else self.target
+        self.loss = torch.norm(mean - run_mean, 2) + torch.norm(var - run_var, 2)
         self.mean_prev, self.var_prev = mean.detach(), var.detach()
 
     def remove(self):
@@ -32,12 +45,18 @@ class BNStatsHook:
 
 
 class BNPrior:
-    """Hooks on every BatchNorm2d of ``model``; ``loss()`` is Σ_l of the last forward's terms."""
+    """Hooks on every BatchNorm2d of ``model`` or, with ``stats`` ({module name: {"mean", "var"}}, the owner's
+    activation statistics), on those modules' outputs; ``loss()`` is Σ_l of the last forward's terms."""
 
-    def __init__(self, model: nn.Module, momentum: float = 0.0):
-        self.hooks = [BNStatsHook(m, momentum) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    def __init__(self, model: nn.Module, momentum: float = 0.0, stats: dict | None = None):
         ref = next(iter([*model.parameters(), *model.buffers()]), None)
         self.device = ref.device if ref is not None else torch.device("cpu")
+        if stats:
+            modules = dict(model.named_modules())
+            self.hooks = [BNStatsHook(modules[name], momentum, (s["mean"].to(self.device), s["var"].to(self.device)))
+                          for name, s in stats.items()]
+        else:
+            self.hooks = [BNStatsHook(m, momentum) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
 
     def loss(self) -> torch.Tensor:
         if not self.hooks:  # a teacher without BatchNorm (e.g. BN folded by an exporter): no prior, a zero on its device
@@ -47,3 +66,32 @@ class BNPrior:
     def remove(self):
         for h in self.hooks:
             h.remove()
+
+
+@torch.no_grad()
+def activation_stats(model: nn.Module, batches) -> dict[str, dict[str, torch.Tensor]]:
+    """The data owner's side: per-channel mean and variance of every Conv2d's output over all ``batches``
+    (exact over the whole set: running sums of x and x², in float64) -> {module name: {"mean", "var"}}."""
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    acc: dict[str, list] = {name: [0.0, 0.0, 0] for name in convs}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            y = output.double()
+            acc[name][0] = acc[name][0] + y.sum(dim=(0, 2, 3))
+            acc[name][1] = acc[name][1] + y.pow(2).sum(dim=(0, 2, 3))
+            acc[name][2] += y.shape[0] * y.shape[2] * y.shape[3]
+        return fn
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in convs.items()]
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, (s, s2, n) in acc.items():
+        mean = s / n
+        out[name] = {"mean": mean.float(), "var": (s2 / n - mean.pow(2)).clamp_min(0).float()}
+    return out
