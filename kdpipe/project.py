@@ -71,6 +71,9 @@ def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: 
         t["checkpoint"] = rel
     extra = [t["classes"]] if isinstance(t.get("classes"), str) and Path(t["classes"]).is_file() else []
     validate(tree)
+    stats = tree.get("synthesize", {}).get("stats")
+    if stats and not Path(stats).is_file():
+        raise ConfigError(f"synthesize.stats '{stats}' does not exist")
     # load the card from a staging copy: every check before the project is written
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "teacher").mkdir(exist_ok=True)
@@ -78,10 +81,7 @@ def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: 
     for f in extra:
         shutil.copy2(f, dest / "teacher" / Path(f).name)
         t["classes"] = f"teacher/{Path(f).name}"
-    stats = tree.get("synthesize", {}).get("stats")
     if stats:  # the data owner's activation statistics travel with the teacher
-        if not Path(stats).is_file():
-            raise ConfigError(f"synthesize.stats '{stats}' does not exist")
         shutil.copy2(stats, dest / "teacher" / Path(stats).name)
         tree["synthesize"]["stats"] = f"teacher/{Path(stats).name}"
     try:

@@ -198,3 +198,23 @@ def test_init_refuses_an_incomplete_card(tmp_path):
     r = run([KDPIPE, "init", str(tmp_path / "r"), "--teacher", str(tmp_path / "x.pt")], tmp_path, env=env, check=False)
     assert r.returncode == 2 and "teacher.source=torchvision:<name>" in r.stderr
     assert os.listdir(tmp_path / "p") == []  # nothing written by a refused init
+
+
+def test_init_with_owner_statistics(tmp_path):
+    """The owner's `kdpipe activation-stats` file travels with the teacher: copied into the project, a DVC dep of
+    synthesize, and the BN prior runs on it (no no-BN recipe)."""
+    env = project_env(tmp_path)
+    card = ["--set", "teacher.range=[0, 255]", "--set", "teacher.mean=null", "--set", "teacher.std=null"]
+    owner = owner_folder(tmp_path / "owner")
+    r = run([KDPIPE, "activation-stats", "--data", str(owner), "--out", str(tmp_path / "stats.pt"),
+             "--set", f"teacher.source={KERAS}", *card], tmp_path, env=env)
+    assert "mean and variance of 3 convolutions over 360 images" in r.stdout
+    r = run([KDPIPE, "init", str(tmp_path / "p"), "--teacher", str(KERAS), *card,
+             "--set", f"synthesize.stats={tmp_path / 'stats.pt'}"], tmp_path, env=env)
+    assert "no BatchNorm layers" not in r.stdout
+    params = yaml.safe_load((tmp_path / "p/params.yaml").read_text())
+    assert params["synthesize"]["stats"] == "teacher/stats.pt" and params["synthesize"]["w_bn"] == 10.0
+    assert "teacher/stats.pt" in yaml.safe_load((tmp_path / "p/dvc.yaml").read_text())["stages"]["synthesize"]["deps"]
+    r = run([KDPIPE, "init", str(tmp_path / "q"), "--teacher", str(KERAS), *card, "--set", "synthesize.stats=nope.pt"],
+            tmp_path, env=env, check=False)
+    assert r.returncode == 2 and "synthesize.stats 'nope.pt' does not exist" in r.stderr
