@@ -73,7 +73,8 @@ def main() -> int:
                                 **{k: v for k, v in e.items() if not k.endswith("sha256")}}
         print(json.dumps({route: out["routes"][route]}), flush=True)
     syn = load_json("data/synthetic/meta.json")
-    out["synthetic"] = {k: syn[k] for k in ("n", "generated", "class_entropy", "histogram", "wall_s")}
+    out["synthetic"] = {**{k: syn[k] for k in ("n", "generated", "class_entropy", "histogram")},
+                        "wall_s": json.loads(Path("data/.timings/synthesize.json").read_text())["wall_s"]}
     out.update(run_info())
     write_result(out, f"routes-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json")
     print(f"\n{out['data']} ({out['config']} {' '.join(a.overrides + a.route_overrides)}); {out['device']}; torch {out['torch']}; "

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("KDPIPE_TRACE_OPENS"):
         trace_opens(os.environ["KDPIPE_TRACE_OPENS"])
     from kdpipe.config import ConfigError, load_config
-    from kdpipe.errors import DataError
+    from kdpipe.errors import DataError, ExportError
     from kdpipe.pipeline import StageFailed
 
     args = _parser().parse_args(argv)
@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"kdpipe: error: {e}", file=sys.stderr)
         return 2
+    except ExportError as e:  # the ONNX student failed its onnxruntime check: the previous export is kept
+        print(f"kdpipe: {e}", file=sys.stderr)
+        return 1
     except FloatingPointError as e:  # NaN/inf in a loss or in weights: the stage stopped, earlier outputs kept
         print(f"kdpipe: stopped: {e}", file=sys.stderr)
         return 1

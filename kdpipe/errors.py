@@ -4,3 +4,7 @@ so that ``kdpipe run`` (which only drives ``dvc repro``) starts without importin
 
 class DataError(ValueError):
     """Bad input data, phrased for the user (names the path)."""
+
+
+class ExportError(RuntimeError):
+    """The exported model failed its check (onnxruntime against PyTorch): exit 1, the previous export kept."""

@@ -9,3 +9,4 @@ SYNTHETIC = DATA / "synthetic"  # samples.pt (images + teacher logits) + meta.js
 STUDENT = DATA / "student"  # model.pt + spec.json + history.csv
 REPORTS = DATA / "reports"  # metrics.json, plots
 EXPORT = DATA / "export"  # student.onnx + metrics.json
+TIMINGS = DATA / ".timings"  # wall times of the last stage runs (git-ignored, not a DVC output)

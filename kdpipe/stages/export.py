@@ -20,6 +20,7 @@ import torch
 
 from kdpipe import data, paths
 from kdpipe.config import Config
+from kdpipe.errors import ExportError
 from kdpipe.quantize import calibration_subset, latency_ms, quantize_int8, session
 from kdpipe.stages.evaluate import load_model
 from kdpipe.train import predict
@@ -28,29 +29,28 @@ from kdpipe.utils import atomic_path, load_json, load_torch, save_json, sha256_f
 
 
 def export_onnx(model: torch.nn.Module, spec: dict, path, opset: int) -> None:
-    """``model`` (the student, [0, 1] N×C×H×W) as ONNX; with a teacher card (spec["input"]) it takes the
-    teacher's own input convention instead (InputAdapter: a drop-in replacement for the teacher)."""
+    """``model`` (the student, [0, 1] N×C×H×W) as ONNX at ``path`` (export.run's temp path); with a teacher card
+    (spec["input"]) it takes the teacher's own input convention instead (InputAdapter: a drop-in replacement)."""
     from kdpipe.teacher_card import InputAdapter, to_convention
 
     c, s, conv = spec["in_channels"], spec["image_size"], spec.get("input")
     net = InputAdapter(model, conv) if conv else model
     dummy = to_convention(torch.rand(2, c, s, s), conv)
     conv = conv or {"layout": "NCHW", "range": [0, 1], "mean": None, "std": None}
-    with atomic_path(path) as tmp:
-        torch.onnx.export(net.cpu().eval(), (dummy,), str(tmp), input_names=["input"], output_names=["logits"],
-                          opset_version=opset, dynamo=True, external_data=False,
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
-        m = onnx.load(str(tmp))
-        props = {"classes": json.dumps(spec["classes"]), "input_size": json.dumps([c, s, s]),
-                 "input_layout": conv["layout"], "input_value_range": json.dumps(list(conv["range"])),
-                 "input_mean": json.dumps(conv["mean"]), "input_std": json.dumps(conv["std"]),
-                 "input_range": f"{list(conv['range'])} float32, {conv['layout']}"
-                                + ("" if conv["mean"] is None else ", then (x - input_mean) / input_std")
-                                + "; resize (bilinear) to H x W", "arch": spec["arch"]}
-        for k, v in props.items():
-            m.metadata_props.add(key=k, value=v)
-        onnx.checker.check_model(m)
-        onnx.save(m, str(tmp))
+    torch.onnx.export(net.cpu().eval(), (dummy,), str(path), input_names=["input"], output_names=["logits"],
+                      opset_version=opset, dynamo=True, external_data=False,
+                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    m = onnx.load(str(path))
+    props = {"classes": json.dumps(spec["classes"]), "input_size": json.dumps([c, s, s]),
+             "input_layout": conv["layout"], "input_value_range": json.dumps(list(conv["range"])),
+             "input_mean": json.dumps(conv["mean"]), "input_std": json.dumps(conv["std"]),
+             "input_range": f"{list(conv['range'])} float32, {conv['layout']}"
+                            + ("" if conv["mean"] is None else ", then (x - input_mean) / input_std")
+                            + "; resize (bilinear) to H x W", "arch": spec["arch"]}
+    for k, v in props.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
 
 
 def export_int8(cfg: Config, fp32_path, x: np.ndarray, y: np.ndarray, fp32_logits: np.ndarray, conv=None) -> dict:
@@ -101,12 +101,15 @@ def run(cfg: Config, tracker) -> dict:
     x, y, labels = reference(cfg, spec)
     acc = "accuracy" if labels == "real" else "teacher_agreement"  # against real labels, or the teacher's
     out = paths.EXPORT / "student.onnx"
-    export_onnx(model, spec, out, cfg.export.opset)
     ref = predict(model, x).numpy()
     xin = to_convention(x, spec.get("input")).numpy()  # what the ONNX student takes: the teacher's convention
-    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"input": xin})[0]
-    diff = float(np.abs(got - ref).max())
+    with atomic_path(out) as tmp:  # verified before it is moved into place: a failed check keeps the last export
+        export_onnx(model, spec, tmp, cfg.export.opset)
+        got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(["logits"], {"input": xin})[0]
+        diff = float(np.abs(got - ref).max())
+        if diff > cfg.export.atol:
+            raise ExportError(f"export: onnxruntime differs from PyTorch by {diff:.2e} > export.atol {cfg.export.atol} "
+                              f"on {len(x)} inputs; '{out}' was not replaced")
     metrics = {
         "max_abs_diff": diff,
         "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
@@ -116,8 +119,6 @@ def run(cfg: Config, tracker) -> dict:
         "sha256": sha256_file(out),
         "size_bytes": out.stat().st_size,
     }
-    if diff > cfg.export.atol:
-        raise RuntimeError(f"export: onnxruntime differs from PyTorch by {diff:.2e} > export.atol {cfg.export.atol}")
     if cfg.export.int8:
         m8 = export_int8(cfg, out, xin, y.numpy(), got, spec.get("input"))
         metrics.update({k.replace("int8_accuracy", f"int8_{acc}"): v for k, v in m8.items()})
