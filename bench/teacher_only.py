@@ -4,7 +4,7 @@ the teacher on the data owner's labelled folders (ImageFolder) with onnxruntime.
 
     python bench/teacher_only.py --tag keras-s0 --teacher /work/bench-mnist/keras_mnist.onnx \
         --set teacher.range=[0,255] --set teacher.mean=null --set teacher.std=null \
-        --preset configs/mnist-teacher-only.yaml --score val=/work/bench-mnist/val [--score test=/work/bench-mnist/test]
+        --preset bench/presets/mnist-teacher-only.yaml --score val=/work/bench-mnist/val [--score test=/work/bench-mnist/test]
 
 Writes bench/results/teacher-only-<tag>.json: run info, the card, each stage's wall time (from the stage lines),
 synthesize + distill seconds, the fidelity figures and each scored folder's student/teacher accuracy.
