@@ -101,6 +101,7 @@ class SynthesizeCfg(_Section):
     w_ie: float = Field(0.0, ge=0)  # DAFL information entropy (class balance; balanced_targets does this by default)
     w_tv: float = Field(0.0, ge=0)  # image prior (DeepInversion): total variation; stands in for w_bn without BN
     w_l2: float = Field(0.0, ge=0)  # image prior: ℓ2 of the image about mid-grey
+    jitter: float = Field(0.0, ge=0, lt=0.5)  # DeepInversion's jitter: the teacher sees each generated image shifted by up to this fraction of its side; 0: off
     # the data owner's activation statistics of a teacher without BN (kdpipe activation-stats): the BN prior's
     # targets, weighted by w_bn; null: none
     stats: str | None = None

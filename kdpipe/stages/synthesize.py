@@ -43,7 +43,7 @@ from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import ReplayBuffer, Reservoir, anneal_beta
 from kdpipe.teachers import load_teachers, teacher_digest, teacher_files
 from kdpipe.resume import Resume
-from kdpipe.train import check_finite_steps, check_weights
+from kdpipe.train import check_finite_steps, check_weights, random_translations, shift_by
 from kdpipe.utils import atomic_path, dvc_md5, sha256_file
 from kdpipe.utils import pick_device, save_json, save_torch, seed_everything, sha256_tensors
 
@@ -162,6 +162,8 @@ def run(cfg: Config, tracker) -> dict:
         for j in range(s.g_steps):
             with accel.autocast(speed, device):
                 x = accel.inputs(fast(z), speed, device)
+                if s.jitter:  # DeepInversion's random jitter: the image must hold under small shifts
+                    x = shift_by(x, random_translations(len(x), s.jitter, generator=g))
                 t_logits = teacher(x).float()
                 s_logits = student(x).float() if use_adv else None
             w = phi_weights(t_logits, s.phi_gamma, s.phi_clip, buf.class_freq()) if s.phi else torch.ones(len(x), device=device)
