@@ -53,18 +53,16 @@ def refuse_torchscript(p: Path, key: str) -> None:
 class CardTeacher(nn.Module):
     """The handed-over network behind the card's input mapping: forward takes kdpipe's [0, 1] N×C×H×W."""
 
-    def __init__(self, net: nn.Module, lo: float, hi: float, mean, std, nhwc: bool):
+    def __init__(self, net: nn.Module, conv: dict):
         super().__init__()
-        self.net, self.lo, self.hi, self.nhwc = net, float(lo), float(hi), nhwc
-        self.normalise = mean is not None
-        self.register_buffer("mean", torch.tensor(mean or [0.0], dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std or [1.0], dtype=torch.float32).view(1, -1, 1, 1))
+        self.net, self.layout, self.range = net, conv["layout"], conv["range"]
+        self.normalise = conv.get("mean") is not None
+        self.register_buffer("mean", torch.tensor(conv.get("mean") or [0.0], dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(conv.get("std") or [1.0], dtype=torch.float32))
 
     def to_teacher(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.lo + (self.hi - self.lo) * x
-        if self.normalise:
-            x = (x - self.mean) / self.std
-        return x.permute(0, 2, 3, 1) if self.nhwc else x
+        return to_convention(x, {"layout": self.layout, "range": self.range,
+                                 "mean": self.mean if self.normalise else None, "std": self.std})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.to_teacher(x))
@@ -297,7 +295,7 @@ def load_card(t: TeacherCfg) -> tuple[CardTeacher, Card]:
                                 f"with {len(classes)} classes")
     card = Card(t.source, t.checkpoint, int(size), int(channels), layout, tuple(t.range), t.mean, t.std, classes,
                 card_files(t), digest, loader)
-    teacher = CardTeacher(net, *card.range, card.mean, card.std, layout == "NHWC").eval().requires_grad_(False)
+    teacher = CardTeacher(net, card.input_convention()).eval().requires_grad_(False)
     with torch.no_grad():  # the card must fit the network: one forward of a dummy batch
         try:
             out = teacher(torch.rand(2, card.channels, card.input_size, card.input_size))
@@ -316,8 +314,9 @@ def to_convention(x: torch.Tensor, conv: dict | None) -> torch.Tensor:
         return x
     lo, hi = conv["range"]
     x = lo + (hi - lo) * x
-    if conv.get("mean") is not None:
-        x = (x - torch.tensor(conv["mean"]).view(1, -1, 1, 1)) / torch.tensor(conv["std"]).view(1, -1, 1, 1)
+    if conv.get("mean") is not None:  # lists (spec.json) or tensors (CardTeacher's buffers, on x's device)
+        mean, std = (torch.as_tensor(conv[k], dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for k in ("mean", "std"))
+        x = (x - mean) / std
     return x.permute(0, 2, 3, 1).contiguous() if conv["layout"] == "NHWC" else x
 
 
