@@ -37,3 +37,13 @@ def test_same_input_synthesize_rerun_keeps_its_dvc_md5(tiny_run):
     assert main(["synthesize"]) == 0
     assert dvc_md5(paths.SYNTHETIC) == first  # downstream stages stay cached under dvc repro
     assert "wall_s" in timing and "wall_s" not in (paths.SYNTHETIC / "meta.json").read_text()
+
+
+def test_jitter_is_off_by_default_and_changes_synthesis_when_on(tiny_run):
+    """synthesize.jitter = 0 draws nothing (the default's bits are the same as before the key existed);
+    > 0 shifts what the teacher sees, so the generator and the set it writes change."""
+    base = dvc_md5(paths.SYNTHETIC)
+    assert main(["synthesize", "--set", "synthesize.jitter=0"]) == 0
+    assert dvc_md5(paths.SYNTHETIC) == base
+    assert main(["synthesize", "--set", "synthesize.jitter=0.25"]) == 0
+    assert dvc_md5(paths.SYNTHETIC) != base
