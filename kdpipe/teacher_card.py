@@ -104,7 +104,7 @@ def card_files(t: TeacherCfg) -> list[str]:
     return files + ([t.classes] if isinstance(t.classes, str) else [])
 
 
-def _classes(value, where_file: str | None) -> list[str] | None:
+def _classes(value) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, int):
@@ -276,7 +276,7 @@ def load_card(t: TeacherCfg) -> tuple[CardTeacher, Card]:
             raise ConfigError(f"teacher.checkpoint '{ck}' is not a weights-only state_dict: {why}") from None
         found = {"channels": _first_conv_channels(state)}
         net, loader, digest = None, "state_dict", sha256_file(ck)
-    classes = _classes(t.classes, None) or found.get("classes")
+    classes = _classes(t.classes) or found.get("classes")
     channels = t.channels or found.get("channels")
     size = t.input_size or found.get("input_size")
     layout = t.layout or found.get("layout") or "NCHW"
