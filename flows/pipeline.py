@@ -6,8 +6,10 @@ scheduled run versions its data exactly as a manual ``dvc repro`` does and skips
 and params did not change. Otherwise (another config, overrides, no DVC project) each task calls the
 stage in-process. Either way one MLflow parent run spans the flow run, one child run per stage,
 each tagged with the Prefect flow-run id; the flow's result is also a Prefect markdown artifact.
+Each ``dvc repro`` line (DVC's and the stage's own output) goes to the Prefect run log as it comes.
+``push=True``: after the stages, ``dvc push`` to the project's default DVC remote (docs/scaling.md).
 
-    python -m flows.pipeline [--config FILE] [--set key=value ...] [--no-dvc]
+    python -m flows.pipeline [--config FILE] [--set key=value ...] [--no-dvc] [--push]
     kdpipe serve --cron "0 3 * * *" [--config FILE] [--set ...]     (a scheduled deployment: flow.serve)
     prefect deploy --all                                              (prefect.yaml: a work-pool deployment)
 """
@@ -23,7 +25,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # the ephemeral server migrates its database on first start: slow on a busy 2-core machine
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
@@ -31,7 +33,7 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 from kdpipe import paths  # noqa: E402
 from kdpipe.config import ConfigError, load_config  # noqa: E402
 from kdpipe.data import DataError  # noqa: E402
-from kdpipe.pipeline import dvc_available, dvc_repro, routes, summary  # noqa: E402
+from kdpipe.pipeline import dvc_available, dvc_push, dvc_repro, require_remote, routes, summary  # noqa: E402
 from kdpipe.stages import run_stage, stages_for  # noqa: E402
 from kdpipe.tracking import PREFECT_ENV, pipeline_run, tag_dvc_lock, tracking_uri  # noqa: E402
 
@@ -52,9 +54,25 @@ def _transient(task, task_run, state) -> bool:
       retry_jitter_factor=0.5, retry_condition_fn=_transient)
 def stage_task(stage: str, config: str, overrides: list[str], use_dvc: bool) -> None:
     if use_dvc:
-        dvc_repro(stage, single=True)
+        dvc_repro(stage, single=True, log=get_run_logger().info)  # each line into the run's logs
     else:
         run_stage(stage, load_config(config, overrides))
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
+      retry_jitter_factor=0.5, retry_condition_fn=_transient)
+def push_task() -> str:
+    """``dvc push`` to the default remote (a remote briefly unreachable: retried like a stage)."""
+    return dvc_push(log=get_run_logger().info)
+
+
+# A hung run (a stuck collective, a dead NFS mount, a remote that never answers) would hold the
+# deployment's only concurrency slot (prefect.yaml: concurrency_limit 1) and queue every later nightly
+# run behind it. 6 h is generous on purpose: the test project takes minutes, a real run of the nightly
+# schedule must still fit, and a hung 03:00 run is ended long before the next one is due.
+# KDPIPE_FLOW_TIMEOUT_S (seconds; read when the flow is imported, e.g. from a work pool's
+# job_variables.env) sets another bound, e.g. for long real-data runs.
+FLOW_TIMEOUT_S = float(os.environ.get("KDPIPE_FLOW_TIMEOUT_S", 6 * 3600))
 
 
 @contextmanager
@@ -85,13 +103,19 @@ def _report(parent, uri: str) -> str:
     return md
 
 
-@flow(name="kdpipe-pipeline", log_prints=True)
-def pipeline(config: str = "params.yaml", overrides: list[str] | None = None, use_dvc: bool | None = None) -> str:
+@flow(name="kdpipe-pipeline", log_prints=True, timeout_seconds=FLOW_TIMEOUT_S)
+def pipeline(config: str = "params.yaml", overrides: list[str] | None = None, use_dvc: bool | None = None,
+             push: bool = False) -> str:
     overrides = list(overrides or [])
     cfg = load_config(config, overrides)  # fails before any work on a bad parameter
     plain = config == "params.yaml" and not overrides
     if use_dvc is None:
         use_dvc = plain and dvc_available()
+    if push:  # before any work: a run that cannot share its outputs should say so now, not in 6 h
+        if not use_dvc:
+            raise ConfigError("push=True pushes what 'dvc repro' versioned: it needs the DVC route "
+                              "(params.yaml as it is, in a DVC project)")
+        require_remote()
     fr = flow_run.get_id() or ""
     tags = {"kdpipe.runner": "prefect+dvc" if use_dvc else "prefect", "prefect.flow_run_id": fr}
     with _env(PREFECT_ENV, fr), pipeline_run(cfg, name="prefect", tags=tags) as parent:
@@ -102,6 +126,8 @@ def pipeline(config: str = "params.yaml", overrides: list[str] | None = None, us
         text = summary()
     create_markdown_artifact(markdown=_report(parent, tracking_uri(cfg)), key="kdpipe-summary",
                              description="kdpipe: accuracy, ONNX parity, MLflow run")
+    if push:
+        print(f"outputs pushed to DVC remote '{push_task()}'")
     print(text)
     return text
 
@@ -121,11 +147,17 @@ def serve(name: str = "kdpipe-scheduled", cron: str = "0 3 * * *", timezone: str
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="params.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-dvc", dest="use_dvc", action="store_false", default=None)
+    p.add_argument("--config", default="params.yaml", help="YAML config (default: params.yaml); another config runs "
+                   "the tasks in this process, writing the same data/ folders (not versioned by DVC)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one parameter, e.g. --set distill.temperature=8 (repeatable; 'kdpipe params' lists "
+                        "the keys); like --config, switches the tasks to in-process runs")
+    p.add_argument("--no-dvc", dest="use_dvc", action="store_false", default=None,
+                   help="run the stages in this process (default: each task is 'dvc repro --single-item <stage>' "
+                        "when params.yaml is used unmodified in a DVC project)")
+    p.add_argument("--push", action="store_true", help="after the stages, 'dvc push' to the default DVC remote")
     a = p.parse_args(argv)
-    pipeline(a.config, a.overrides, a.use_dvc)
+    pipeline(a.config, a.overrides, a.use_dvc, a.push)
     return 0
 
 

@@ -22,10 +22,16 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     r = common(sub.add_parser("run", help="run the whole pipeline under one MLflow parent run (dvc repro; with "
-                              "--config/--set in this process, overwriting the DVC-tracked data/ folders)"))
+                              "--config/--set in this process, overwriting the DVC-tracked data/ folders)",
+                              description="Run the whole pipeline under one MLflow parent run. With params.yaml as it "
+                              "is, in a DVC project: 'dvc repro' (versioned; unchanged stages are skipped). With "
+                              "--config or --set: the stages run in this process and overwrite the DVC-tracked data/ "
+                              "folders (not versioned; for a versioned variant use 'dvc exp run -S key=value')."))
     r.add_argument("--dvc", dest="use_dvc", action="store_true", default=None,
                    help="run through 'dvc repro' (default when params.yaml is used unmodified in a DVC project)")
     r.add_argument("--no-dvc", dest="use_dvc", action="store_false", help="run the stages in this process")
+    r.add_argument("--push", action="store_true", help="after a successful 'dvc repro', 'dvc push' the outputs to the "
+                   "default DVC remote (set one with 'dvc remote add -d NAME URL'; an error before any work if none)")
     for s in STAGES:
         common(sub.add_parser(s, help=STAGE_HELP[s], description=STAGE_HELP[s]))
     sv = common(sub.add_parser("serve", help="serve the pipeline flow as a scheduled Prefect deployment (flow.serve)"))
@@ -59,9 +65,19 @@ def _parser() -> argparse.ArgumentParser:
                                "synthesize.stats (the BN prior's targets)"))
     st.add_argument("--data", required=True, help="the owner's images: <folder>/<class>/<image>")
     st.add_argument("--out", default="activation_stats.pt", help="the file to hand over (default: activation_stats.pt)")
+    pr = common(sub.add_parser("promote", help="move alias promote.alias (champion) to a registered version only when "
+                               "its evaluate metrics pass the gate in params (promote:); exit 1 naming each failed "
+                               "metric, 2 for a config error or an unknown model/version (docs/promote.md)"))
+    pr.add_argument("ref", nargs="?", default=None, help="model, model/version or model@alias (default: tracking."
+                    "registered_model@tracking.alias; a bare model name means model@tracking.alias, i.e. candidate)")
     ln = sub.add_parser("lineage", help="the chain from a registered model (or a run) back to the data")
     ln.add_argument("ref", help="model name, name/version, name@alias, or a run id")
-    ln.add_argument("--json", action="store_true", help="machine-readable output")
+    ln.add_argument("--json", action="store_true", help="machine-readable output (everything --verbose shows)")
+    ln.add_argument("--verbose", "-v", action="store_true", help="also every hash, input digest and parameter of each step")
+    ln.add_argument("--verify", action="store_true", help="download the registered model and re-hash it and every DVC "
+                    "output the chain names (local data/ files); exit 1 naming each artifact that differs")
+    ln.add_argument("--html", metavar="FILE", default=None, help="also write the chain as a graph (one HTML page, "
+                    "inline SVG) to FILE, and log it to the model's export run in MLflow")
     ln.add_argument("--config", default="params.yaml", help="config giving tracking.uri (default: params.yaml)")
     return p
 
@@ -140,18 +156,30 @@ def main(argv: list[str] | None = None) -> int:
             from kdpipe.tracking import tracking_uri
 
             cfg = load_config(args.config) if Path(args.config).exists() else load_config(None)
-            return lineage.main(args.ref, tracking_uri(cfg), args.json)
+            return lineage.main(args.ref, tracking_uri(cfg), args.json, verbose=args.verbose, verify_files=args.verify,
+                                html_path=args.html)
         if args.command == "params":
             from kdpipe.config import describe
 
-            for key, typ, default, rng, meaning in describe(args.section):
-                print(f"{key:<40} {typ:<28} {default:<14} {rng:<14} {meaning}")
+            try:
+                for key, typ, default, rng, meaning in describe(args.section):
+                    print(f"{key:<40} {typ:<28} {default:<14} {rng:<14} {meaning}")
+                sys.stdout.flush()
+            except BrokenPipeError:  # `kdpipe params | head`: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         if args.command == "init":
             from kdpipe.project import init
 
             init(args.dir, args.teacher, args.overrides, git=args.git)
             return 0
+        if args.command == "promote":  # no params.yaml here: the schema's defaults (an explicit --config must exist)
+            from kdpipe.promote import promote
+            from kdpipe.tracking import tracking_uri
+
+            default = args.config == "params.yaml" and not Path(args.config).exists()
+            cfg = load_config(None if default else args.config, args.overrides)
+            return promote(cfg, args.ref, tracking_uri(cfg))
         if args.command in ("score", "activation-stats"):  # the owner's side may have no params.yaml: defaults
             from kdpipe import score
 
@@ -195,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 dag.check(cfg)  # dvc.yaml's data deps must be those params.yaml needs (distill.data, teachers)
             check_tracking(cfg)  # before the parent run opens (MLflow would retry for minutes)
-            run_pipeline(cfg, use_dvc)
+            run_pipeline(cfg, use_dvc, push=args.push)
         else:
             return _stage(args.command, cfg)
     except (ConfigError, DataError) as e:

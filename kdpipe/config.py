@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -124,6 +124,12 @@ class SynthesizeCfg(_Section):
     meta_lr: float = Field(0.5, gt=0, le=1)  # Reptile step η of the meta update
     kd_lr: float = Field(0.05, gt=0)  # proxy student's SGD learning rate
     temperature: float = Field(4.0, gt=0)  # proxy student's KD temperature
+    # optimizers and replay details (kdpipe/synth/synthesizer.py)
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.999)  # Adam (β₁, β₂) of the generator and latent codes (Fast)
+    kd_momentum: float = Field(0.9, ge=0, lt=1)  # proxy student's SGD momentum (Nesterov when > 0)
+    kd_weight_decay: float = Field(5e-4, ge=0)  # proxy student's SGD weight decay
+    kd_batch_cap: int = Field(4, ge=1)  # proxy student's KD batch: min(batch_size, kd_batch_cap × samples in the buffer)
+    priority_eps: float = Field(1e-3, gt=0)  # prioritized replay: ε in the priority p_i = KL_i + ε
 
 
 class ScheduleCfg(_Section):
@@ -236,6 +242,22 @@ class TrackingCfg(_Section):
     alias: str | None = "candidate"  # ... and points this alias at the new version
 
 
+class PromoteCfg(_Section):
+    """kdpipe promote (kdpipe/promote.py, docs/promote.md): the gate a registered version's evaluate metrics (its tags)
+    must pass before ``alias`` moves to it. null = not checked; a gate with every threshold null is a config error."""
+
+    alias: str = "champion"  # the alias moved to a version that passes the gate (must differ from tracking.alias)
+    # lowest student test accuracy (tag student_accuracy; real data only); the digits default gives 0.973-0.986 (README)
+    min_student_accuracy: float | None = Field(0.95, ge=0, le=1)
+    # lowest student-teacher agreement on the held-out synthetic set (tag fidelity_agreement; no real data only): that
+    # set is adversarial and reads 0.63-0.73 where real agreement is 0.95-0.99 (docs/benchmarks.md), hence 0.6
+    min_fidelity_agreement: float | None = Field(0.6, ge=0, le=1)
+    # lowest student_accuracy / teacher_accuracy (real data only); digits default 0.978 / 0.992 = 0.986
+    min_student_over_teacher: float | None = Field(0.95, ge=0)
+    # largest ONNX-vs-PyTorch logit difference (tag max_abs_diff; any route); export.atol's default (measured 4e-6)
+    max_onnx_abs_diff: float | None = Field(1e-4, gt=0)
+
+
 class ResumeCfg(_Section):
     """Resume checkpoints of the long stages (train-teacher, synthesize, distill): kdpipe/resume.py."""
 
@@ -265,6 +287,7 @@ class Config(_Section):
     export: ExportCfg = ExportCfg()
     speed: SpeedCfg = SpeedCfg()
     tracking: TrackingCfg = TrackingCfg()
+    promote: PromoteCfg = PromoteCfg()
     resume: ResumeCfg = ResumeCfg()
     audit: AuditCfg = AuditCfg()
 

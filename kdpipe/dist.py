@@ -49,15 +49,34 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+TIMEOUT_ENV = "KDPIPE_DIST_TIMEOUT"  # seconds a collective waits for the other ranks
+DEFAULT_TIMEOUT_S = 1800
+
+
+def timeout() -> timedelta:
+    """How long a collective waits for a missing rank before this one fails: $KDPIPE_DIST_TIMEOUT seconds,
+    30 min by default. It bounds the wait for a peer that hangs or whose node drops off the network
+    (a killed peer closes its sockets: gloo fails at once), and it must cover rank 0 writing the outputs
+    and its MLflow run while the others wait at the final barrier."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
+    if seconds <= 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
 def init(device: torch.device) -> None:
     """Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from the env):
-    nccl with one GPU per local rank on CUDA, gloo on CPU. No-op without torchrun."""
+    nccl with one GPU per local rank on CUDA, gloo on CPU, collectives timing out after ``timeout()``.
+    No-op without torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(local_rank())
-    # long timeout: rank 0 alone writes outputs and MLflow runs while the others wait at the barrier
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout())
 
 
 def close() -> None:

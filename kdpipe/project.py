@@ -2,7 +2,8 @@
 
 Writes DIR/params.yaml (the schema's defaults, data.name: none, the teacher card completed from the file),
 DIR/dvc.yaml (synthesize -> distill -> evaluate -> export, the teacher file and the card as deps), .gitignore,
-and initialises git and DVC there; the teacher file is copied to DIR/teacher/ and versioned with ``dvc add``.
+and initialises git and DVC there (with kdpipe's DVC plot template, .dvc/plots/bars.json); the teacher file is
+copied to DIR/teacher/ and versioned with ``dvc add``.
 The card is loaded once before anything is written: an incomplete card fails (exit 2) naming its keys.
 A teacher without BatchNorm (folded by its exporter) gets the no-BN synthesis recipe (NO_BN_RECIPE) unless
 the --set overrides say otherwise.
@@ -23,7 +24,8 @@ from kdpipe.config import Config, ConfigError, apply_override, validate
 # without the BN-statistics prior: DAFL's activation and information-entropy terms, the image prior and jitter
 # (chosen on MNIST val, docs/benchmarks.md: 0.9438 without jitter, 0.9546 with 0.125, 0.9330 with w_ie 5 too)
 NO_BN_RECIPE = {"w_bn": 0.0, "w_act": 0.1, "w_ie": 1.0, "w_tv": 1.0, "jitter": 0.125}
-GITIGNORE = "mlflow.db\nmlflow.db-journal\nmlartifacts/\nmlruns/\n/data/.resume/\n/data/.timings/\n.prefect/\n__pycache__/\n"
+GITIGNORE = ("mlflow.db\nmlflow.db-journal\nmlartifacts/\nmlruns/\n/data/.resume/\n/data/.timings/\n.prefect/\n__pycache__/\n"
+             "dvc_plots/\n")
 HEADER = ("# kdpipe teacher-only project (kdpipe init): the one parameter file; `kdpipe params` lists the keys.\n"
           "# teacher: the card of the teacher file (what it takes as input); data.name none: no real data anywhere.\n")
 
@@ -114,6 +116,7 @@ def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: 
             _run(["git", "init", "-q"], dest)
         if not (dest / ".dvc").exists():
             _run(["dvc", "init", "-q"], dest)
+        dag.write_templates(dest)  # .dvc/plots/bars.json: dvc.yaml's bar plots (with --no-git: `kdpipe dag --write`)
         _run(["dvc", "add", "-q", rel], dest)
         _run(["git", "add", "-A"], dest)
         r = subprocess.run(["git", "commit", "-qm", f"kdpipe init: teacher {src.name}"], cwd=dest, capture_output=True, text=True)
@@ -126,5 +129,7 @@ def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: 
               f"synthesis uses {NO_BN_RECIPE} (params.yaml: synthesize)", flush=True)
     if git and not committed:
         print("[kdpipe] git and DVC are initialised; commit when ready (git identity not set)", flush=True)
+    if not git:
+        print("[kdpipe] after `git init && dvc init` there, run `kdpipe dag --write` (DVC's plot template)", flush=True)
     print(f"[kdpipe] next: cd {dest} && dvc repro   (or kdpipe run)", flush=True)
     return dest

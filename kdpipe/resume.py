@@ -12,10 +12,20 @@ which do not change results) and the DVC md5 of the stage's inputs and code; a c
 with other params or inputs is ignored, and the stage says so. Loaded with weights_only=True.
 It also names the MLflow run that wrote it: the resumed run is tagged ``kdpipe.resumed_run`` with
 that id, and the killed run, left RUNNING by a SIGKILL, is marked KILLED.
+
+Under torchrun (kdpipe/dist.py) every rank holds the same state after each epoch, and nodes need not
+share a disk: each node's local rank 0 writes its own copy (the same path on every node; rank 0's
+run id in each), and ``load`` is collective: the ranks exchange (key, epochs done) of their own
+files, refuse to start if their keys differ (other params, data or code on some node), and the
+rank holding the most advanced valid copy (lowest rank on a tie) sends its bytes to every rank
+(loaded weights_only=True there too). So all ranks resume from the same epoch, or all start from
+scratch, whichever node got which rank this time (c10d assigns them). A rank that writes no outputs
+removes its node's copy when its training is done; rank 0 after writing the outputs.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 from pathlib import Path
@@ -23,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdpipe.config import Config
+from kdpipe import dist
+from kdpipe.config import Config, ConfigError
 from kdpipe.utils import dvc_md5, load_torch, save_torch
 
 
@@ -79,12 +90,32 @@ class Resume:
         self.run_id = None  # the MLflow run writing the checkpoints (set by load)
 
     def load(self, tracker, generator: torch.Generator | None = None) -> dict | None:
-        """The saved state (RNG states already restored), or None: start from scratch."""
+        """The saved state (RNG states already restored), or None: start from scratch. Collective
+        under torchrun: every rank calls it, and all resume from the same state or none does."""
         self.run_id = tracker.run_id
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
             return None
+        state, blob = self._read(tracker)
+        where = self.path
+        if dist.active():
+            state, where = self._agree(state, blob, tracker)
+        if state is None:
+            return None
+        set_rng_state(state["rng"], generator)
+        print(f"[kdpipe] {self.stage}: resumed from {where} after {self.unit} {state['done']}", flush=True)
+        tracker.set_tags({"kdpipe.resumed": "true", "kdpipe.resumed_from": f"{self.unit} {state['done']}"})
+        if state.get("run_id") and tracker.mlflow:
+            close_killed_run(state["run_id"])
+            tracker.set_tags({"kdpipe.resumed_run": state["run_id"]})
+        return state
+
+    def _read(self, tracker) -> tuple[dict | None, bytes | None]:
+        """This process's own checkpoint (state, file bytes) if there is a valid one; says why it ignores one."""
+        if not self.path.exists():
+            return None, None
         try:
-            state = load_torch(self.path)
+            blob = self.path.read_bytes()
+            state = load_torch(io.BytesIO(blob))
             stale = state.get("key") != self.key
         except Exception as e:  # a checkpoint that cannot be read is never trusted
             state, stale = None, f"unreadable ({type(e).__name__})"
@@ -92,20 +123,56 @@ class Resume:
             why = stale if isinstance(stale, str) else "written with other params or inputs"
             print(f"[kdpipe] {self.stage}: ignoring resume checkpoint {self.path}: {why}; starting from scratch", flush=True)
             tracker.set_tags({"kdpipe.resume_ignored": why})
-            return None
-        set_rng_state(state["rng"], generator)
-        print(f"[kdpipe] {self.stage}: resumed from {self.path} after {self.unit} {state['done']}", flush=True)
-        tracker.set_tags({"kdpipe.resumed": "true", "kdpipe.resumed_from": f"{self.unit} {state['done']}"})
-        if state.get("run_id") and tracker.mlflow:
-            close_killed_run(state["run_id"])
-            tracker.set_tags({"kdpipe.resumed_run": state["run_id"]})
-        return state
+            return None, None
+        return state, blob
+
+    def _agree(self, state: dict | None, blob: bytes | None, tracker):
+        """Under torchrun: the most advanced valid checkpoint of any rank (its node's copy), sent to
+        every rank, or None on every rank. Also takes rank 0's MLflow run id for the next saves."""
+        from torch import distributed as tdist
+
+        mine = (self.key, state["done"] if state else -1, len(blob) if blob else 0, tracker.run_id)
+        ranks: list = [None] * tdist.get_world_size()
+        tdist.all_gather_object(ranks, mine)
+        if len({k for k, *_ in ranks}) > 1:
+            raise ConfigError(f"{self.stage}: the ranks disagree on params, inputs or code (resume keys "
+                              f"{sorted({k[:12] for k, *_ in ranks})}): every node needs the same commit, "
+                              "params.yaml and data/ inputs")
+        self.run_id = ranks[0][3]  # rank 0 logs: every node's copy names its run
+        best = max(done for _, done, *_ in ranks)
+        if best < 0:
+            return None, self.path
+        src = min(r for r, (_, done, *_) in enumerate(ranks) if done == best)
+        if dist.rank() == src:
+            _broadcast_bytes(blob, ranks[src][2], src)
+            return state, self.path
+        got = load_torch(io.BytesIO(_broadcast_bytes(None, ranks[src][2], src)))
+        return got, f"{self.path} of rank {src} (sent to rank {dist.rank()})"
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the checkpoint: local rank 0 of each node (the process itself without torchrun)."""
+        return dist.local_rank() == 0
 
     def save(self, done: int, total: int, state: dict, generator: torch.Generator | None = None) -> None:
-        """After ``done`` of ``total`` epochs/rounds: every ``resume.every``, never after the last."""
-        if self.enabled and done < total and done % self.every == 0:
+        """After ``done`` of ``total`` epochs/rounds: every ``resume.every``, never after the last.
+        Every rank may call it; each node's local rank 0 writes (nodes need not share a disk)."""
+        if self.enabled and self.writer and done < total and done % self.every == 0:
             save_torch({"key": self.key, "stage": self.stage, "done": done, "run_id": self.run_id,
                         "rng": rng_state(generator), **state}, self.path)
 
     def finish(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove this node's copy (rank 0: once the outputs are written; other nodes: once trained)."""
+        if self.writer:
+            self.path.unlink(missing_ok=True)
+
+
+def _broadcast_bytes(blob: bytes | None, size: int, src: int) -> bytes:
+    """``blob`` of rank ``src`` (``size`` bytes) on every rank, as a uint8 tensor (a CUDA one on nccl)."""
+    from torch import distributed as tdist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+    buf = (torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device) if blob is not None
+           else torch.empty(size, dtype=torch.uint8, device=device))
+    tdist.broadcast(buf, src)
+    return blob if blob is not None else buf.cpu().numpy().tobytes()

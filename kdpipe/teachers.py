@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kdpipe import paths
+from kdpipe.checkpoints import load_checkpoint
 from kdpipe.config import Config, ConfigError
 from kdpipe.losses import multi_teacher_targets
 from kdpipe.models import build_model
@@ -33,8 +34,6 @@ def _load_folder(folder: Path, where: str) -> tuple[nn.Module, dict, str]:
 def load_member(ref, i: int, base: dict) -> tuple[nn.Module, str]:
     """Member ``teachers[i]`` -> (model, sha256 of its weights file); it must take the same input and
     classes as data/teacher (``base``: that teacher's spec)."""
-    from kdpipe.stages.train_teacher import load_checkpoint
-
     where = f"teachers.{i}"
     if ref.checkpoint is None or Path(ref.checkpoint).is_dir():
         model, spec, digest = _load_folder(Path(ref.checkpoint or paths.TEACHER), where)

@@ -35,7 +35,10 @@ def git_state() -> dict:
         return r.stdout.strip() if r.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD")
-    return {"git.commit": commit or "none", "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
+    if not commit:  # no repository (a container image built without .git): the commit it was built from, if given
+        dirty = os.environ.get("KDPIPE_GIT_DIRTY", "").lower() in ("true", "1")
+        return {"git.commit": os.environ.get("KDPIPE_GIT_COMMIT") or "none", "git.dirty": str(dirty)}
+    return {"git.commit": commit, "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
 
 
 def _setup(cfg: Config):
@@ -163,7 +166,7 @@ def stage_run(cfg: Config, stage: str):
     parent = parent or bare
     if parent:
         tag_dvc_lock(parent)  # the stages before this one, whose dvc.lock entries now exist
-    tags = {"kdpipe.stage": stage, "kdpipe.params_sha256": cfg.digest(), **git_state(),
+    tags = {"kdpipe.stage": stage, "kdpipe.params_sha256": cfg.digest(), "kdpipe.data": cfg.data.name, **git_state(),
             **({"prefect.flow_run_id": os.environ[PREFECT_ENV]} if os.environ.get(PREFECT_ENV) else {})}
     from kdpipe.utils import pick_device  # torch: stage processes only (kdpipe run drives dvc without it)
 
@@ -200,7 +203,21 @@ def pipeline_run(cfg: Config, name: str = "pipeline", tags: dict | None = None):
                 os.environ[PARENT_ENV] = old
 
 
-def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metrics: dict) -> str | None:
+def served_sha256(name: str, version: str) -> str:
+    """sha256 of the model.onnx the registry serves for ``name/version`` (downloaded, then hashed)."""
+    import tempfile
+
+    import mlflow
+
+    from kdpipe.utils import sha256_file
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        return sha256_file(Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)) / "model.onnx")
+
+
+def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metrics: dict,
+                     signature=None) -> str | None:
     """Log the student (ONNX model + the PyTorch state_dict and spec) in the export run, register it
     as ``tracking.registered_model`` and point ``tracking.alias`` at the new version, whose tags
     carry the evaluation metrics. Returns the version."""
@@ -214,12 +231,18 @@ def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metr
     name = cfg.tracking.registered_model
     # the requirements are known: pinning them skips MLflow's inference (it imports the model in a subprocess, ~6 s)
     reqs = [f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
+    # one file (no external weights), so the registry serves the bytes of data/export/student.onnx
     info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="student", registered_model_name=name,
-                                 pip_requirements=reqs)
+                                 pip_requirements=reqs, save_as_external_data=False, signature=signature)
     mlflow.log_artifacts(str(pytorch_dir), "student_pytorch")
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, model_id=info.model_id)
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
+    served = served_sha256(name, version)  # the hash an auditor gets from the registry (kdpipe lineage --verify)
+    if served != metrics.get("onnx.sha256"):
+        print(f"[kdpipe] note: the registry's model.onnx (sha256 {served[:12]}) differs in bytes from {onnx_path}; "
+              "the version records the registry's hash", flush=True)
+    metrics = {**metrics, "onnx.sha256": served, "export.onnx.sha256": metrics.get("onnx.sha256")}
     for k, v in {**metrics, "run_id": tracker.run_id}.items():
         client.set_model_version_tag(name, version, k, str(v))
     if cfg.tracking.alias:

@@ -70,7 +70,7 @@ def fit_supervised(model: nn.Module, x, y, xv, yv, cfg: TrainCfg, tracker, desc:
     """SGD + one-cycle schedule over ``cfg.epochs`` with random-shift augmentation; logs per epoch.
     ``resume`` (kdpipe.resume.Resume): continue from its checkpoint, save one every resume.every epochs.
     ``speed``: the knobs of kdpipe/accel.py. Under torchrun each rank trains on its shard of every
-    global batch of ``cfg.batch_size`` (kdpipe/dist.py); only rank 0 saves resume checkpoints.
+    global batch of ``cfg.batch_size`` (kdpipe/dist.py); each node's local rank 0 saves resume checkpoints.
     No host sync inside an epoch: step losses stay on the device and are checked for NaN/inf once per
     epoch (the message names the first bad step, as a per-step check would)."""
     speed = speed or SpeedCfg()
@@ -109,9 +109,11 @@ def fit_supervised(model: nn.Module, x, y, xv, yv, cfg: TrainCfg, tracker, desc:
         m = {"train_loss": (sums.sum() / len(x)).item(), "val_acc": val_acc, "lr": sched.get_last_lr()[0]}
         tracker.log_metrics(m, step=epoch)
         bar.set_postfix(loss=f"{m['train_loss']:.3f}", val=f"{val_acc:.3f}")
-        if resume and dist.is_main():
+        if resume and resume.writer:  # each node's local rank 0 (nodes need not share a disk: kdpipe/resume.py)
             resume.save(epoch + 1, cfg.epochs, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                                 "scheduler": sched.state_dict()}, generator)
     dist.unwrap(model)
+    if resume and not dist.is_main():  # rank 0 removes its checkpoint once the stage wrote its outputs
+        resume.finish()  # ... a node that writes none, its copy now
     check_weights(desc, model)
     return {"val_acc": val_acc, "train_loss": m["train_loss"], "epochs": cfg.epochs}

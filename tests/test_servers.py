@@ -1,7 +1,9 @@
 """Against real servers on loopback: a `prefect server start` and an `mlflow server` (sqlite backend,
 temp dir). `kdpipe serve` publishes the flow as a cron-scheduled deployment; a run of it is triggered
 with `run_deployment` and goes through `dvc repro` stage by stage, tracked on the MLflow server; then
-the registry, the lineage tags and inputs, and `kdpipe lineage` are checked through MlflowClient."""
+the registry, the lineage tags and inputs, and `kdpipe lineage` are checked through MlflowClient.
+Then the scale-out routes (docs/scaling.md): prefect.yaml deployed to a process work pool and run by a
+real `prefect worker`, and a DVC remote shared by a second clone whose `kdpipe lineage` matches."""
 from __future__ import annotations
 
 import json
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, make_project, project_env, run
+from conftest import BIN, ROOT, make_project, project_env, run
 
 pytestmark = pytest.mark.slow
 
@@ -166,7 +168,9 @@ def _client(served):
 def _runs(served):
     client = _client(served)
     exp = client.get_experiment_by_name("kdpipe")
-    parent, = client.search_runs([exp.experiment_id], "tags.`kdpipe.stage` = 'pipeline'")
+    fr = served["result"]["flow_run_id"]  # the served run's parent (later tests open other parent runs)
+    parent, = client.search_runs([exp.experiment_id],
+                                 f"tags.`kdpipe.stage` = 'pipeline' and tags.`prefect.flow_run_id` = '{fr}'")
     children = {r.data.tags["kdpipe.stage"]: r for r in
                 client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
     return client, parent, children
@@ -220,7 +224,7 @@ def test_lineage_chain_then_planted_real_input_fails(served):
     assert teacher["inputs"][0]["digest"] == lock["prepare"]["outs"][0]["md5"]
     assert {s["prefect_flow_run_id"] for s in res["chain"]} == {served["result"]["flow_run_id"]}
     text = run([BIN + "/kdpipe", "lineage", "kdpipe-student"], proj, env=env).stdout
-    assert "data-free check: OK" in text
+    assert text.startswith("lineage of kdpipe-student: data-free: after train-teacher")
 
     # an auditor's failing case: a real-data input planted on the distill run
     client = _client(served)
@@ -232,16 +236,150 @@ def test_lineage_chain_then_planted_real_input_fails(served):
     assert f"run {distill['run_id']}" in bad.stdout and "real-train" in bad.stdout
 
 
-def test_prefect_yaml_deploys_to_a_work_pool(served):
-    """`prefect deploy --all` with the project's prefect.yaml against the same real server."""
+READ_DEPLOYMENTS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+
+async def main():
+    out = {}
+    async with get_client() as c:
+        for name in ("kdpipe-nightly", "kdpipe-remote"):
+            d = await c.read_deployment_by_name(f"kdpipe-pipeline/{name}")
+            gcl = d.global_concurrency_limit
+            out[name] = {"pool": d.work_pool_name, "crons": [s.schedule.cron for s in d.schedules],
+                         "pull": d.pull_steps, "parameters": d.parameters, "limit": gcl.limit if gcl else None}
+    print(json.dumps(out))
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def deployed(served):
+    """`prefect deploy --all` with the project's prefect.yaml against the same real server (once)."""
     proj, env = served["proj"], served["env"]
     run([BIN + "/prefect", "work-pool", "create", "kdpipe-pool", "--type", "process"], proj, env=env)
-    run([BIN + "/prefect", "--no-prompt", "deploy", "--all"], proj, env={**env, "PWD": str(proj)}, timeout=300)
-    code = ("import asyncio, json\nfrom prefect.client.orchestration import get_client\n"
-            "async def main():\n    async with get_client() as c:\n"
-            "        d = await c.read_deployment_by_name('kdpipe-pipeline/kdpipe-nightly')\n"
-            "        print(json.dumps({'pool': d.work_pool_name, 'crons': [s.schedule.cron for s in d.schedules],"
-            " 'pull': d.pull_steps}))\nasyncio.run(main())\n")
-    d = json.loads(run([sys.executable, "-c", code], proj, env=env).stdout.strip().splitlines()[-1])
-    assert d["pool"] == "kdpipe-pool" and d["crons"] == [CRON]
+    run([BIN + "/prefect", "--no-prompt", "deploy", "--all"], proj,
+        env={**env, "PWD": str(proj), "KDPIPE_REPO": str(proj)}, timeout=300)
+    return json.loads(run([sys.executable, "-c", READ_DEPLOYMENTS], proj, env=env).stdout.strip().splitlines()[-1])
+
+
+def test_prefect_yaml_deploys_to_a_work_pool(served, deployed):
+    proj = served["proj"]
+    d, remote = deployed["kdpipe-nightly"], deployed["kdpipe-remote"]
+    assert d["pool"] == "kdpipe-pool" and d["crons"] == [CRON] and d["limit"] == 1
+    assert d["parameters"] == {"config": "params.yaml", "overrides": [], "push": False}
     assert d["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(proj)
+    # the remote-worker variant: git clone of $KDPIPE_REPO (resolved at deploy time), dvc pull, push: true
+    assert remote["pool"] == "kdpipe-pool" and remote["crons"] == [] and remote["limit"] == 1
+    assert remote["parameters"]["push"] is True
+    clone, pull = remote["pull"]
+    assert clone["prefect.deployments.steps.git_clone"]["repository"] == str(proj)
+    assert pull["prefect.deployments.steps.run_shell_script"]["script"] == "dvc pull --allow-missing"
+
+
+def test_docker_deployment_file_is_valid():
+    """prefect-docker.yaml (kept out of `prefect deploy --all`: it needs prefect-docker and a docker daemon)
+    parses as a prefect.yaml: the image is built and pushed by prefect-docker and used by the deployment."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    m = PrefectYamlModel.model_validate(yaml.safe_load((ROOT / "prefect-docker.yaml").read_text()))
+    build = {k: v for step in m.build for k, v in step.items()}
+    push = {k: v for step in m.push for k, v in step.items()}
+    assert build["prefect_docker.deployments.steps.build_docker_image"]["id"] == "build-image"
+    assert push["prefect_docker.deployments.steps.push_docker_image"]["image_name"] == "{{ build-image.image_name }}"
+    d, = m.deployments
+    assert d.work_pool.job_variables["image"] == "{{ build-image.image }}" and d.concurrency_limit == 1
+    assert d.entrypoint == "flows/pipeline.py:pipeline"
+
+
+FLOW_RUN = """
+import asyncio, json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+async def main(fr):
+    async with get_client() as c:
+        run = await c.read_flow_run(fr)
+        logs, offset = [], 0
+        while True:
+            page = await c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr])), limit=200, offset=offset)
+            logs += [{"message": l.message, "task_run_id": str(l.task_run_id) if l.task_run_id else None} for l in page]
+            if len(page) < 200:
+                break
+            offset += 200
+        print(json.dumps({"state": run.state.type.value, "deployment_id": str(run.deployment_id),
+                          "parameters": run.parameters, "logs": logs}))
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_process_worker_runs_the_nightly_deployment(served, deployed, tmp_path):
+    """`prefect deployment run --param push=true` + a real `prefect worker start --type process --run-once`:
+    the flow run completes, each stage's `dvc repro` output is in its logs (the project already ran once,
+    so DVC says each stage did not change), logged from the stage's task run, and the outputs are pushed
+    to the default DVC remote (here a local one of this test, in .dvc/config.local, removed after)."""
+    proj, env = served["proj"], served["env"]
+    remote = tmp_path / "worker-remote"
+    run(["dvc", "remote", "add", "--local", "-d", "wremote", str(remote)], proj, env=env)
+    log = tmp_path / "worker.log"
+    try:
+        out = run([BIN + "/prefect", "deployment", "run", "kdpipe-pipeline/kdpipe-nightly", "--param", "push=true"],
+                  proj, env=env).stdout
+        fr = out.split("UUID:")[1].split()[0]
+        worker = _start([BIN + "/prefect", "worker", "start", "--pool", "kdpipe-pool", "--type", "process",
+                         "--run-once"], proj, env, log)
+        try:
+            worker.wait(timeout=420)
+        finally:
+            _stop(worker)
+    finally:
+        run(["dvc", "remote", "remove", "--local", "wremote"], proj, env=env)
+    res = {}
+    for _ in range(20):  # the run's last log lines may reach the server just after the worker exits
+        res = json.loads(run([sys.executable, "-c", FLOW_RUN, fr], proj, env=env).stdout.strip().splitlines()[-1])
+        if any("Data and pipelines are up to date" in m["message"] for m in res["logs"]):
+            break
+        time.sleep(1)
+    assert res["state"] == "COMPLETED", log.read_text()[-5000:]
+    assert res["parameters"] == {"config": "params.yaml", "overrides": [], "push": True}
+    staged = {m["message"]: m["task_run_id"] for m in res["logs"]}
+    for stage in STAGES:  # DVC's own line for each stage, from `dvc repro --single-item <stage>`
+        line = f"Stage '{stage}' didn't change, skipping"
+        assert staged.get(line), (line, [m["message"] for m in res["logs"]][-60:])  # from the task's logger
+    assert "outputs pushed to DVC remote 'wremote'" in staged and any(remote.rglob("*"))
+
+
+def test_dvc_remote_second_clone_pulls_and_lineage_matches(served, tmp_path):
+    """Clone A (the served project) pushes to a local-path DVC remote with `kdpipe run --push`; clone B
+    (`git clone` of A) `dvc pull`s, `dvc repro` runs no stage, and B's `kdpipe lineage` (same MLflow
+    server) gives A's chain and model."""
+    a, env = served["proj"], served["env"]
+    no_remote = run([BIN + "/kdpipe", "run", "--push"], a, env=env, check=False)
+    assert no_remote.returncode == 2 and "no default remote" in no_remote.stderr, no_remote.stderr
+    remote = tmp_path / "dvc-remote"
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], a, env=env)
+    r = run([BIN + "/kdpipe", "run", "--push"], a, env=env, timeout=600)
+    assert "Running stage" not in r.stdout and "outputs pushed to DVC remote 'shared'" in r.stdout, r.stdout[-3000:]
+    assert remote.is_dir() and any(remote.rglob("*"))
+    ignores = [str(f.relative_to(a)) for f in a.rglob(".gitignore") if ".dvc" not in f.parts]
+    run(["git", "add", "dvc.lock", ".dvc/config", *ignores], a, env=env)
+    run(["git", "commit", "-qm", "pipeline outputs (dvc.lock) and the DVC remote"], a, env=env)
+
+    b = tmp_path / "clone-b"
+    run(["git", "clone", "-q", str(a), str(b)], tmp_path, env=env)
+    assert not (b / "data/student/model.pt").exists()
+    run(["dvc", "pull"], b, env=env)
+    for f in ("data/synthetic/samples.pt", "data/student/model.pt", "data/export/student.onnx"):
+        assert (b / f).read_bytes() == (a / f).read_bytes(), f
+    assert "up to date" in run(["dvc", "status"], b, env=env).stdout
+    repro = run(["dvc", "repro"], b, env=env).stdout
+    assert "Running stage" not in repro and "Data and pipelines are up to date" in repro, repro
+
+    def lineage(cwd):
+        r = run([BIN + "/kdpipe", "lineage", "kdpipe-student@candidate", "--json"], cwd, env=env, check=False)
+        res = json.loads(r.stdout[r.stdout.index("{"):])
+        return r.returncode, [(s["stage"], s["run_id"]) for s in res["chain"]], (res["model"]["name"], res["model"]["version"])
+
+    rc_a, chain_a, model_a = lineage(a)
+    assert chain_a and model_a[0] == "kdpipe-student"
+    assert lineage(b) == (rc_a, chain_a, model_a)

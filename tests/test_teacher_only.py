@@ -72,14 +72,18 @@ def allowed(path: str, proj: Path, test_dir: Path) -> bool:
 def check_lineage(proj: Path, env: dict, teacher_file: Path) -> str:
     out = run([KDPIPE, "lineage", "kdpipe-student@candidate"], proj, env=env).stdout
     sha = __import__("hashlib").sha256(teacher_file.read_bytes()).hexdigest()
-    assert f"teacher    teacher/{teacher_file.name}  sha256 {sha}" in out
-    assert "real data  none" in out and "data-free check: OK" in out
+    assert out.startswith("lineage of kdpipe-student@candidate: data-free, no real data anywhere")
+    assert f"  teacher   teacher/{teacher_file.name} sha256 {sha} (card: " in out
+    assert "  data      none: no stage read real data" in out
+    commit = run(["git", "rev-parse", "HEAD"], proj, env=env).stdout.strip()
+    assert f"  commit    {commit} (clean)" in out
+    assert len(out.strip().splitlines()) <= 25
+    verbose = run([KDPIPE, "lineage", "kdpipe-student@candidate", "--verbose"], proj, env=env).stdout
     lock = yaml.safe_load((proj / "dvc.lock").read_text())
     syn_md5 = next(o["md5"] for o in lock["stages"]["synthesize"]["outs"] if o["path"] == "data/synthetic")
-    assert f"synthetic.dvc_md5 = {syn_md5}" in out
-    commit = run(["git", "rev-parse", "HEAD"], proj, env=env).stdout.strip()
-    assert f"commit {commit[:12]}" in out
-    assert '"layout": "' in out and "card {" in out
+    assert f"synthetic.dvc_md5 = {syn_md5}" in verbose
+    assert '"layout": "' in verbose and "teacher card {" in verbose
+    assert run([KDPIPE, "lineage", "kdpipe-student@candidate", "--verify"], proj, env=env).returncode == 0
     return out
 
 
@@ -141,7 +145,7 @@ def test_init_dvc_repro_score_lineage(producer, tmp_path):
     acc = float((sess.run(None, {"input": x})[0].argmax(1) == y).mean())  # the student takes the teacher's input
     assert abs(acc - res["student_accuracy"]) < 1e-9, sc.stdout
     out = check_lineage(proj, env, teacher)
-    assert f"owner score run {res['run_id']}" in out
+    assert f"  owner     score run {res['run_id'][:8]} " in out
 
 
 @pytest.mark.parametrize("source", ["torchvision:resnet18", "timm:resnet10t"])

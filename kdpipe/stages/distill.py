@@ -231,7 +231,7 @@ def run(cfg: Config, tracker) -> dict:
         history.append({"epoch": epoch, "phase": "finetune" if finetune else "kd", **m})
         tracker.log_metrics(m, step=epoch)
         bar.set_postfix(loss=f"{m['loss']:.3f}", agree=f"{agree:.3f}")
-        if dist.is_main():
+        if resume.writer:  # each node's local rank 0 (nodes need not share a disk: kdpipe/resume.py)
             resume.save(epoch + 1, epochs, {"student": student.state_dict(), "optimizer": opt.state_dict(),
                                             "scheduler": sched.state_dict(), "ft_optimizer": ft_opt.state_dict(),
                                             "ft_scheduler": ft_sched.state_dict(), "priority": [p.priority for p in pools],
@@ -249,6 +249,7 @@ def run(cfg: Config, tracker) -> dict:
                **({"route": ROUTE[d.data]} if d.data != "synthetic" else {}),
                **({"finetune_epochs": d.finetune_epochs} if d.finetune_epochs else {})}
     if not dist.is_main():  # under torchrun rank 0 alone writes outputs
+        resume.finish()  # this node's copy of the checkpoint (rank 0's goes once the outputs are written)
         return summary
     write_outputs(student, spec, history, agree_key, tracker)
     resume.finish()

@@ -1,45 +1,40 @@
 """Stage evaluate: teacher, data-free student and (when it exists) the from-scratch baseline on the
 real test split -> data/reports/metrics.json (DVC metrics), confusion matrices (PNG + CSV for DVC
-plots) and per-class accuracy. ``routes`` in metrics.json puts the routes that exist side by side:
-scratch (the baseline) and the student under its distill route (data-free, kd-real, kd-mixed: from
-data/student/spec.json); export adds data-free + INT8 in its own metrics.json (kdpipe.pipeline.routes)."""
+plots) and per-class accuracy (per_class.csv: class,model,accuracy; without real data class,agreement,
+teacher_count; drawn as bars by kdpipe/dag.py's template). ``routes`` in metrics.json puts the routes
+that exist side by side: scratch (the baseline) and the student under its distill route (data-free,
+kd-real, kd-mixed: from data/student/spec.json); export adds data-free + INT8 in its own metrics.json
+(kdpipe.pipeline.routes)."""
 from __future__ import annotations
 
 import torch
 
 from kdpipe import data, paths
+from kdpipe.checkpoints import load_model, read_spec
 from kdpipe.config import Config
 from kdpipe.errors import DataError
-from kdpipe.models import build_model
 from kdpipe.train import predict
 from kdpipe.utils import sha256_file
 from kdpipe.utils import atomic_path, load_json, load_torch, pick_device, save_figure, save_json
-
-
-STAGE_OF = {paths.TEACHER: "train-teacher", paths.BASELINE: "baseline", paths.STUDENT: "distill"}  # who writes it
-
-
-def read_spec(folder) -> dict:
-    if not (folder / "spec.json").exists():
-        raise DataError(f"'{folder / 'spec.json'}' is missing: run the {STAGE_OF.get(folder, 'stage that writes it')} "
-                        "stage first")
-    return load_json(folder / "spec.json")
-
-
-def load_model(folder, device, spec: dict | None = None):
-    spec = spec or read_spec(folder)
-    if not spec.get("enabled", True):
-        return None, spec
-    model = build_model(spec)
-    model.load_state_dict(load_torch(folder / "model.pt"))
-    return model.to(device).eval(), spec
 
 
 def confusion(pred: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
     return torch.bincount(y * C + pred, minlength=C * C).view(C, C)
 
 
-def plot_confusion(cm: torch.Tensor, classes: list[str], title: str, path) -> None:
+def csv_text(header: list[str], rows) -> str:
+    """CSV for DVC plots: quoted where a class name holds a comma (ImageNet's "tench, Tinca tinca")."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return out.getvalue()
+
+
+def plot_confusion(cm: torch.Tensor, classes: list[str], title: str, path, ylabel: str = "true class") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,8 +44,8 @@ def plot_confusion(cm: torch.Tensor, classes: list[str], title: str, path) -> No
     ax.imshow(cm.numpy(), cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     for i in range(len(classes)):
         for j in range(len(classes)):
@@ -88,15 +83,16 @@ def run_fidelity(cfg: Config, tracker) -> dict:
     tracker.set_tags({"kdpipe.real_data": "none", "kdpipe.route": metrics["student"]["route"],
                       "student.sha256": sha256_file(paths.STUDENT / "model.pt"), "teacher.sha256": teacher_digest(cfg)})
     with atomic_path(paths.REPORTS / "predictions.csv") as tmp:  # "actual" = the teacher's class: no real labels
-        tmp.write_text("actual,predicted\n" + "".join(
-            f"{classes[a]},{classes[b]}\n" for a, b in zip(t.argmax(1).tolist(), s.argmax(1).tolist())))
-    with atomic_path(paths.REPORTS / "per_class.csv") as tmp:
-        tmp.write_text("class,agreement,teacher_count\n" + "".join(
-            f"{c},{'' if f['per_class_agreement'][c] is None else f['per_class_agreement'][c]},{n}\n"
-            for c, n in zip(classes, f["teacher_class_counts"])))
+        tmp.write_text(csv_text(["actual", "predicted"], (
+            (classes[a], classes[b]) for a, b in zip(t.argmax(1).tolist(), s.argmax(1).tolist()))))
+    with atomic_path(paths.REPORTS / "per_class.csv") as tmp:  # agreement: empty for a class the teacher never predicted
+        tmp.write_text(csv_text(["class", "agreement", "teacher_count"], (
+            (c, "" if f["per_class_agreement"][c] is None else f["per_class_agreement"][c], n)
+            for c, n in zip(classes, f["teacher_class_counts"]))))
     cm = confusion(s.argmax(1), t.argmax(1), len(classes))
     fig = paths.REPORTS / "figures" / "confusion_student_vs_teacher.png"
-    plot_confusion(cm, classes, f"student vs teacher (held-out synthetic, n={len(x)}): agreement {f['agreement']:.4f}", fig)
+    plot_confusion(cm, classes, f"student vs teacher class\n(held-out synthetic, n={len(x)}): agreement "
+                   f"{f['agreement']:.4f}", fig, ylabel="teacher class")
     tracker.log_artifact(fig)
     save_json(metrics, paths.REPORTS / "metrics.json")
     tracker.log_artifact(paths.REPORTS / "metrics.json")
@@ -131,7 +127,8 @@ def run(cfg: Config, tracker) -> dict:
         per_class = (cm.diag().float() / cm.sum(1).clamp_min(1)).tolist()
         metrics[name] = {"accuracy": (p == y).float().mean().item(),
                          "per_class": {c: round(a, 4) for c, a in zip(classes, per_class)}}
-        plot_confusion(cm, classes, f"{name}: acc {metrics[name]['accuracy']:.4f}", paths.REPORTS / "figures" / f"confusion_{name}.png")
+        plot_confusion(cm, classes, f"{name} predictions vs true class\n(real test split, n={len(y)}): accuracy "
+                       f"{metrics[name]['accuracy']:.4f}", paths.REPORTS / "figures" / f"confusion_{name}.png")
         tracker.log_artifact(paths.REPORTS / "figures" / f"confusion_{name}.png")
         tracker.log_metrics({f"{name}_accuracy": metrics[name]["accuracy"]})
     route = specs["student"].get("route", "data-free")
@@ -143,14 +140,15 @@ def run(cfg: Config, tracker) -> dict:
     metrics["student_over_teacher"] = metrics["student"]["accuracy"] / max(metrics["teacher"]["accuracy"], 1e-9)
     tracker.log_metrics({"agreement": metrics["agreement"], "student_over_teacher": metrics["student_over_teacher"]})
     with atomic_path(paths.REPORTS / "predictions.csv") as tmp:
-        tmp.write_text("actual,predicted\n" + "".join(
-            f"{classes[a]},{classes[b]}\n" for a, b in zip(y.tolist(), preds["student"].tolist())))
-    with atomic_path(paths.REPORTS / "per_class.csv") as tmp:
-        cols = [m for m in ("teacher", "student", "baseline") if m in metrics]
-        tmp.write_text("class," + ",".join(cols) + "\n" + "".join(
-            f"{c}," + ",".join(str(metrics[m]["per_class"][c]) for m in cols) + "\n" for c in classes))
+        tmp.write_text(csv_text(["actual", "predicted"], (
+            (classes[a], classes[b]) for a, b in zip(y.tolist(), preds["student"].tolist()))))
+    with atomic_path(paths.REPORTS / "per_class.csv") as tmp:  # long form: one row per class and model (DVC's grouped bars)
+        models = [m for m in ("teacher", "student", "baseline") if m in metrics]
+        tmp.write_text(csv_text(["class", "model", "accuracy"], (
+            (c, m, metrics[m]["per_class"][c]) for c in classes for m in models)))
     save_json(metrics, paths.REPORTS / "metrics.json")
     tracker.log_artifact(paths.REPORTS / "metrics.json")
+    tracker.log_params({"evaluate": cfg.evaluate.model_dump(mode="json")})
     tracker.log_data_input("real-test", paths.PREPARED, "real", context="evaluation")
     tracker.set_tags({"student.sha256": sha256_file(paths.STUDENT / "model.pt")})
     out = {k: round(metrics[k]["accuracy"], 4) for k in ("teacher", "student", "baseline") if k in metrics}

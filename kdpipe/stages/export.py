@@ -19,10 +19,10 @@ import onnx
 import torch
 
 from kdpipe import data, paths
+from kdpipe.checkpoints import load_model
 from kdpipe.config import Config
-from kdpipe.errors import ExportError
+from kdpipe.errors import DataError, ExportError
 from kdpipe.quantize import calibration_subset, latency_ms, quantize_int8, session
-from kdpipe.stages.evaluate import load_model
 from kdpipe.train import predict
 from kdpipe.tracking import register_student
 from kdpipe.utils import atomic_path, load_json, load_torch, save_json, sha256_file
@@ -57,7 +57,7 @@ def export_int8(cfg: Config, fp32_path, x: np.ndarray, y: np.ndarray, fp32_logit
     """student.int8.onnx, calibrated on synthetic samples only; its figures next to FP32's."""
     path, samples = paths.EXPORT / "student.int8.onnx", paths.SYNTHETIC / "samples.pt"
     if not samples.exists():
-        raise data.DataError(f"export.int8: calibration samples '{samples}' are missing: run the synthesize stage")
+        raise DataError(f"export.int8: calibration samples '{samples}' are missing: run the synthesize stage")
     calib = calibration_subset(load_torch(samples)["x"], cfg.export.calibration_samples, cfg.seed)
     quantize_int8(fp32_path, path, calib, cfg.export.int8_activations, conv)
     fp32, int8 = session(fp32_path), session(path)
@@ -84,7 +84,7 @@ def reference(cfg: Config, spec: dict):
     meta = data.load_meta()  # the input spec must match the data the ONNX model will be scored and used on
     want = (meta["channels"], meta["image_size"], list(meta["classes"]))
     if (spec["in_channels"], spec["image_size"], list(spec["classes"])) != want:
-        raise data.DataError(
+        raise DataError(
             f"export: the student '{paths.STUDENT / 'spec.json'}' takes {spec['in_channels']}x{spec['image_size']}x"
             f"{spec['image_size']} input with classes {spec['classes'][:10]}, but the data '{paths.PREPARED / 'meta.json'}' "
             f"is {want[0]}x{want[1]}x{want[1]} with classes {want[2][:10]}: re-run train-teacher, synthesize and distill on it")
@@ -112,6 +112,7 @@ def run(cfg: Config, tracker) -> dict:
                               f"on {len(x)} inputs; '{out}' was not replaced")
     metrics = {
         "max_abs_diff": diff,
+        "max_abs_diff_1e-6": round(diff * 1e6, 4),  # the same in units of 1e-6: `dvc metrics show` rounds diff to 0.0
         "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
         f"onnx_{acc}": float((got.argmax(1) == y.numpy()).mean()),
         "n_test": int(len(y)),
@@ -131,13 +132,19 @@ def run(cfg: Config, tracker) -> dict:
                       **({"kdpipe.real_data": "none"} if labels != "real" else {})})
     reports = paths.REPORTS / "metrics.json"
     evaluated = load_json(reports) if reports.exists() else {}
-    version = register_student(tracker, cfg, out, paths.STUDENT, {
-        **{f"{k}_accuracy": evaluated[k]["accuracy"] for k in ("teacher", "student") if "accuracy" in evaluated.get(k, {})},
-        **({"fidelity_agreement": evaluated["agreement"], "fidelity_kl": evaluated["student"]["kl"]}
-           if evaluated.get("data") == "none" else {}),
-        **{k: v for k, v in metrics.items() if k in ("onnx_accuracy", "onnx_teacher_agreement", "top1_agreement",
-                                                      "max_abs_diff")},
-        "onnx.sha256": metrics["sha256"]})
+    tracker.log_params({"export": cfg.export.model_dump(mode="json"), "seed": cfg.seed})
+    version = None
+    if tracker.mlflow:
+        from mlflow.models import infer_signature  # input and logits: shapes and dtypes, batch dynamic
+
+        version = register_student(tracker, cfg, out, paths.STUDENT, signature=infer_signature(xin[:2], got[:2]), metrics={
+            **{f"{k}_accuracy": evaluated[k]["accuracy"] for k in ("teacher", "student")
+               if "accuracy" in evaluated.get(k, {})},
+            **({"fidelity_agreement": evaluated["agreement"], "fidelity_kl": evaluated["student"]["kl"]}
+               if evaluated.get("data") == "none" else {}),
+            **{k: v for k, v in metrics.items() if k in ("onnx_accuracy", "onnx_teacher_agreement", "top1_agreement",
+                                                          "max_abs_diff")},
+            "onnx.sha256": metrics["sha256"]})
     return {**({"registered": f"{cfg.tracking.registered_model}/{version}"} if version else {}),
             "max_abs_diff": f"{diff:.1e}", "top1_agreement": metrics["top1_agreement"],
             f"onnx_{acc}": round(metrics[f"onnx_{acc}"], 4),

@@ -24,6 +24,7 @@ fp32), channels_last, fused Adam/SGD. One process: under torchrun rank 0 alone r
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 import time
@@ -248,8 +249,8 @@ def run(cfg: Config, tracker) -> dict:
     digest = sha256_tensors(st["x"], st["logits"])
     save_torch(st, paths.SYNTHETIC / "samples.pt")
     sample_grid(st["x"], preds, tspec["classes"], paths.SYNTHETIC / "grid.png")
-    with atomic_path(paths.SYNTHETIC / "histogram.csv") as tmp:
-        tmp.write_text("class,count\n" + "".join(f"{c},{int(n)}\n" for c, n in zip(tspec["classes"], hist)))
+    with atomic_path(paths.SYNTHETIC / "histogram.csv") as tmp, open(tmp, "w", newline="") as f:  # quoted: "a, b"
+        csv.writer(f, lineterminator="\n").writerows([("class", "count"), *zip(tspec["classes"], hist.tolist())])
     meta = {
         "spec": {k: v for k, v in tspec.items() if k != "arch"},
         "teacher_arch": tspec["arch"],

@@ -11,6 +11,8 @@ the same kind of aggregate as BN's running statistics; then L_BN = Σ_l ‖μ_l 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -62,6 +64,20 @@ class BNPrior:
         if not self.hooks:  # a teacher without BatchNorm (e.g. BN folded by an exporter): no prior, a zero on its device
             return torch.zeros((), device=self.device)
         return torch.stack([h.loss for h in self.hooks]).sum()
+
+    def update(self) -> None:
+        pass
+
+    @contextmanager
+    def paused(self):
+        yield
+
+    def state(self) -> list:
+        return [(h.mean_prev, h.var_prev) for h in self.hooks]
+
+    def load_state(self, state: list) -> None:
+        for h, (mp, vp) in zip(self.hooks, state):
+            h.mean_prev, h.var_prev = (None, None) if mp is None else (mp.to(self.device), vp.to(self.device))
 
     def remove(self):
         for h in self.hooks:

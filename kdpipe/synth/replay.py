@@ -47,10 +47,10 @@ def anneal_beta(beta0: float, step: int, total: int) -> float:
 
 class ReplayBuffer:
     def __init__(self, capacity: int, shape: tuple[int, ...], num_classes: int, device="cpu",
-                 eviction: str = "balanced"):
+                 eviction: str = "balanced", eps: float = 1e-3):
         if eviction not in ("balanced", "fifo"):
             raise ValueError(f"eviction must be 'balanced' or 'fifo', not {eviction!r}")
-        self.capacity, self.num_classes, self.eviction = capacity, num_classes, eviction
+        self.capacity, self.num_classes, self.eviction, self.eps = capacity, num_classes, eviction, eps
         self.x = torch.zeros(capacity, *shape, dtype=torch.uint8, device=device)
         self.logits = torch.zeros(capacity, num_classes, device=device)
         self.priority = torch.zeros(capacity, device=device)
@@ -114,9 +114,10 @@ class ReplayBuffer:
             return idx, torch.ones(n, device=self.x.device)
         return prioritized_sample(self.priority[: self.size], n, alpha, beta, generator, norm)
 
-    def update_priority(self, idx: torch.Tensor, kl: torch.Tensor, eps: float = 1e-3) -> None:
+    def update_priority(self, idx: torch.Tensor, kl: torch.Tensor) -> None:
+        """p_i = KL_i + ε (``eps``, synthesize.priority_eps)."""
         # a non-finite KL (a diverged step, stopped by the stage's loss check) must not break the sampler first
-        self.priority[idx] = torch.nan_to_num(kl.detach().float(), nan=0.0, posinf=0.0) + eps
+        self.priority[idx] = torch.nan_to_num(kl.detach().float(), nan=0.0, posinf=0.0) + self.eps
 
     def state(self) -> dict:
         s = self.size
