@@ -4,8 +4,14 @@ How a Prefect run and ``dvc repro`` share outputs: with ``use_dvc`` (the default
 when the config is params.yaml as it is), each task runs ``dvc repro --single-item <stage>``, so a
 scheduled run versions its data exactly as a manual ``dvc repro`` does and skips stages whose deps
 and params did not change. Otherwise (another config, overrides, no DVC project) each task calls the
-stage in-process. Either way one MLflow parent run spans the flow run, one child run per stage,
+stage in-process; ``use_dvc=True`` with another config or overrides is refused before any work (as
+``kdpipe run --dvc --set`` is: use ``dvc exp run -S`` for a versioned variant). Either way one MLflow
+parent run spans the flow run (with the accuracies, like ``kdpipe run``'s), one child run per stage,
 each tagged with the Prefect flow-run id; the flow's result is also a Prefect markdown artifact.
+The flow is kdpipe/pipeline.py's ``run_pipeline`` (the orchestrator ``kdpipe run`` calls: the same
+preflight, DAG and parent run); Prefect only wraps the per-stage call as a task, whose retries follow
+the same rule (``kdpipe.pipeline.transient``: transient faults only, never a config/data error or a
+NaN stop; a stage under ``dvc repro`` reports its kind of failure through KDPIPE_FAILURE_FILE).
 Each ``dvc repro`` line (DVC's and the stage's own output) goes to the Prefect run log as it comes.
 ``push=True``: after the stages, ``dvc push`` to the project's default DVC remote (docs/scaling.md).
 
@@ -28,39 +34,32 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
 
 from kdpipe import paths  # noqa: E402
-from kdpipe.config import ConfigError, load_config  # noqa: E402
-from kdpipe.data import DataError  # noqa: E402
-from kdpipe.pipeline import dvc_available, dvc_push, dvc_repro, require_remote, routes, summary  # noqa: E402
-from kdpipe.stages import run_stage, stages_for  # noqa: E402
-from kdpipe.tracking import PREFECT_ENV, pipeline_run, tag_dvc_lock, tracking_uri  # noqa: E402
+from kdpipe.config import Config  # noqa: E402
+from kdpipe.pipeline import (RETRIES, RETRY_JITTER, dvc_push, retry_delays, routes, run_one,  # noqa: E402
+                             run_pipeline, summary, transient)
+from kdpipe.tracking import PREFECT_ENV, tracking_uri  # noqa: E402
 
 
 def _transient(task, task_run, state) -> bool:
-    """Retry unless the failure is a user error or a NaN stop (re-running cannot fix those)."""
+    """Prefect's retry_condition_fn: kdpipe.pipeline.transient on the task's exception."""
     try:
         state.result()
-    except (ConfigError, DataError, FloatingPointError):
-        return False
-    except Exception:
-        return True
-    return True
+    except BaseException as e:  # noqa: BLE001 (the failure itself, judged by the one retry rule)
+        return transient(e)
+    return False
 
 
-# transient failures (a tracking server briefly down, a busy disk): retried after ~5 s, then ~10 s
-@task(task_run_name="{stage}", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-      retry_jitter_factor=0.5, retry_condition_fn=_transient)
-def stage_task(stage: str, config: str, overrides: list[str], use_dvc: bool) -> None:
-    if use_dvc:
-        dvc_repro(stage, single=True, log=get_run_logger().info)  # each line into the run's logs
-    else:
-        run_stage(stage, load_config(config, overrides))
+# kdpipe.pipeline's retry rule and delays (~5 s, then ~10 s): the same as `kdpipe run`
+@task(task_run_name="{stage}", retries=RETRIES, retry_delay_seconds=retry_delays(),
+      retry_jitter_factor=RETRY_JITTER, retry_condition_fn=_transient)
+def stage_task(stage: str, cfg: Config, use_dvc: bool) -> None:
+    run_one(stage, cfg, use_dvc, log=get_run_logger().info if use_dvc else None)  # dvc's lines into the run's logs
 
 
-@task(name="dvc-push", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-      retry_jitter_factor=0.5, retry_condition_fn=_transient)
+@task(name="dvc-push", retries=RETRIES, retry_delay_seconds=retry_delays(),
+      retry_jitter_factor=RETRY_JITTER, retry_condition_fn=_transient)
 def push_task() -> str:
     """``dvc push`` to the default remote (a remote briefly unreachable: retried like a stage)."""
     return dvc_push(log=get_run_logger().info)
@@ -106,30 +105,16 @@ def _report(parent, uri: str) -> str:
 @flow(name="kdpipe-pipeline", log_prints=True, timeout_seconds=FLOW_TIMEOUT_S)
 def pipeline(config: str = "params.yaml", overrides: list[str] | None = None, use_dvc: bool | None = None,
              push: bool = False) -> str:
-    overrides = list(overrides or [])
-    cfg = load_config(config, overrides)  # fails before any work on a bad parameter
-    plain = config == "params.yaml" and not overrides
-    if use_dvc is None:
-        use_dvc = plain and dvc_available()
-    if push:  # before any work: a run that cannot share its outputs should say so now, not in 6 h
-        if not use_dvc:
-            raise ConfigError("push=True pushes what 'dvc repro' versioned: it needs the DVC route "
-                              "(params.yaml as it is, in a DVC project)")
-        require_remote()
     fr = flow_run.get_id() or ""
-    tags = {"kdpipe.runner": "prefect+dvc" if use_dvc else "prefect", "prefect.flow_run_id": fr}
-    with _env(PREFECT_ENV, fr), pipeline_run(cfg, name="prefect", tags=tags) as parent:
-        for stage in stages_for(cfg):
-            stage_task(stage, config, overrides, use_dvc)
-        if parent is not None and use_dvc:
-            tag_dvc_lock(parent.info.run_id)
-        text = summary()
-    create_markdown_artifact(markdown=_report(parent, tracking_uri(cfg)), key="kdpipe-summary",
+    with _env(PREFECT_ENV, fr):  # tags every stage run (in this process and under dvc repro)
+        res = run_pipeline(config, overrides, use_dvc, push, name="prefect", runner=("prefect+dvc", "prefect"),
+                           tags={"prefect.flow_run_id": fr}, stage_call=stage_task, push_call=push_task)
+    create_markdown_artifact(markdown=_report(res["parent"], tracking_uri(res["cfg"])), key="kdpipe-summary",
                              description="kdpipe: accuracy, ONNX parity, MLflow run")
-    if push:
-        print(f"outputs pushed to DVC remote '{push_task()}'")
-    print(text)
-    return text
+    if res["pushed"]:
+        print(f"outputs pushed to DVC remote '{res['pushed']}'")
+    print(res["summary"])
+    return res["summary"]
 
 
 def serve(name: str = "kdpipe-scheduled", cron: str = "0 3 * * *", timezone: str = "UTC",

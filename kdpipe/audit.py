@@ -16,6 +16,7 @@ import torch
 
 from kdpipe import data, paths
 from kdpipe.config import Config
+from kdpipe.errors import DataError
 from kdpipe.models import penultimate
 from kdpipe.teachers import load_teacher
 from kdpipe.utils import load_torch, pick_device, save_figure, save_json
@@ -81,12 +82,12 @@ def audit_memorization(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     f = paths.SYNTHETIC / "samples.pt"
     if not f.exists():
-        raise data.DataError(f"synthetic samples '{f}' are missing: run the synthesize stage first")
+        raise DataError(f"synthetic samples '{f}' are missing: run the synthesize stage first")
     xs = load_torch(f)["x"].to(device).float() / 255.0
     xr, yr = data.load_split("train", device)
     xt, _ = data.load_split("test", device)
     if xs.shape[1:] != xr.shape[1:]:
-        raise data.DataError(f"synthetic samples '{f}' are {tuple(xs.shape[1:])}, the real data "
+        raise DataError(f"synthetic samples '{f}' are {tuple(xs.shape[1:])}, the real data "
                              f"'{paths.PREPARED}' is {tuple(xr.shape[1:])}: re-run synthesize on this data's teacher")
     teacher, spec = load_teacher(cfg, device)
     rmse, near = nearest_pixels(xs.flatten(1), xr.flatten(1))

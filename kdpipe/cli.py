@@ -209,21 +209,13 @@ def main(argv: list[str] | None = None) -> int:
             from kdpipe import dag
 
             dag.main(cfg, args.write)
-        elif args.command == "run":
-            from kdpipe.pipeline import dvc_available, run_pipeline
-            from kdpipe.tracking import check_tracking
+        elif args.command == "run":  # the one orchestrator (kdpipe/pipeline.py): preflight, retry rule
+            from kdpipe.pipeline import run_pipeline
 
-            plain = args.config == "params.yaml" and not args.overrides
-            use_dvc = args.use_dvc if args.use_dvc is not None else (plain and dvc_available())
-            if use_dvc and not plain:
-                raise ConfigError("--dvc runs with params.yaml as it is; for overrides use 'dvc exp run -S key=value' "
-                                  "or 'kdpipe run --no-dvc --set ...'")
-            if use_dvc:
-                from kdpipe import dag
-
-                dag.check(cfg)  # dvc.yaml's data deps must be those params.yaml needs (distill.data, teachers)
-            check_tracking(cfg)  # before the parent run opens (MLflow would retry for minutes)
-            run_pipeline(cfg, use_dvc, push=args.push)
+            res = run_pipeline(args.config, args.overrides, args.use_dvc, push=args.push)
+            if res["pushed"]:
+                print(f"[kdpipe] outputs pushed to DVC remote '{res['pushed']}'", flush=True)
+            print(res["summary"], flush=True)
         else:
             return _stage(args.command, cfg)
     except (ConfigError, DataError) as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -124,8 +124,8 @@ class SynthesizeCfg(_Section):
     meta_lr: float = Field(0.5, gt=0, le=1)  # Reptile step η of the meta update
     kd_lr: float = Field(0.05, gt=0)  # proxy student's SGD learning rate
     temperature: float = Field(4.0, gt=0)  # proxy student's KD temperature
-    # optimizers and replay details (kdpipe/synth/synthesizer.py)
-    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.999)  # Adam (β₁, β₂) of the generator and latent codes (Fast)
+    adam_beta1: float = Field(0.5, ge=0, lt=1)  # Adam β₁ of the generator and the latent codes (Fast: 0.5)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)  # Adam β₂ of the generator and the latent codes (Fast: 0.999)
     kd_momentum: float = Field(0.9, ge=0, lt=1)  # proxy student's SGD momentum (Nesterov when > 0)
     kd_weight_decay: float = Field(5e-4, ge=0)  # proxy student's SGD weight decay
     kd_batch_cap: int = Field(4, ge=1)  # proxy student's KD batch: min(batch_size, kd_batch_cap × samples in the buffer)
@@ -259,10 +259,10 @@ class PromoteCfg(_Section):
 
 
 class ResumeCfg(_Section):
-    """Resume checkpoints of the long stages (train-teacher, synthesize, distill): kdpipe/resume.py."""
+    """Resume checkpoints of the long stages (train-teacher, baseline, synthesize, distill): kdpipe/resume.py."""
 
     enabled: bool = True  # checkpoint long stages and resume them after a kill
-    every: int = Field(5, ge=1)  # epochs (train-teacher, distill) or rounds (synthesize) between checkpoints
+    every: int = Field(5, ge=1)  # epochs (train-teacher, baseline, distill) or rounds (synthesize) between checkpoints
     dir: str = "data/.resume"  # scratch, not a DVC output (git-ignored); <dir>/<stage>.pt
 
 

@@ -6,7 +6,7 @@ forward hooks keep each module's output. Per pair:
       N×C×H×W features, linear for N×D; spatial sizes matched by adaptive_avg_pool2d to the smaller;
   at  (Zagoruyko & Komodakis 2017): AT(F) = normalize(vec(mean_c F²)) (L2 per sample),
       loss = mean_n ‖AT(F_s) − AT(F_t)‖² (no adapter: the channel mean removes the channel count).
-The pair losses are summed. Combined objective: α·KD + β·feature + γ·CE (:func:`combined_loss`).
+The pair losses are summed. Combined objective: α·KD + β·feature + γ·CE (:func:`kdpipe.losses.distill_loss`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdpipe.config import ConfigError
-from kdpipe.losses import kd_per_sample
+from kdpipe.losses import distill_loss
 
 
 def capture(model: nn.Module, names: list[str], who: str) -> tuple[dict, list]:
@@ -104,16 +104,4 @@ class FeatureKD(nn.Module):
             h.remove()
 
 
-def combined_loss(student_logits, teacher_logits, T: float, alpha: float, gamma: float | None = None,
-                  labels=None, weights=None, feature=None, beta: float = 0.0) -> torch.Tensor:
-    """α·KD(s, t; T) + γ·CE(s, labels, else argmax t) per sample, × ``weights``, batch mean; + β·feature.
-    γ None = 1 − α: with β = 0 this is :func:`kdpipe.losses.distill_loss`."""
-    gamma = 1 - alpha if gamma is None else gamma
-    per = alpha * kd_per_sample(student_logits, teacher_logits, T)
-    if gamma:
-        target = labels if labels is not None else teacher_logits.argmax(1)
-        per = per + gamma * F.cross_entropy(student_logits, target, reduction="none")
-    if weights is not None:
-        per = per * weights
-    loss = per.mean()
-    return loss + beta * feature if beta and feature is not None else loss
+combined_loss = distill_loss  # the one KD objective (kdpipe/losses.py), under the name this module had

@@ -29,8 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from kdpipe import paths
+from kdpipe.stages import DATA_FREE
 
-DATA_FREE = ("synthesize", "distill")
 # stage -> (tag that names what it consumed, the stage that produced it)
 UPSTREAM = {
     "export": ("student.sha256", "distill"),

@@ -13,21 +13,27 @@ def kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T:
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """Hinton et al. 2015: KL(log_softmax(s/T) ‖ softmax(t/T)), reduction batchmean, × T²."""
-    return F.kl_div(
-        F.log_softmax(student_logits / T, dim=1), F.softmax(teacher_logits / T, dim=1), reduction="batchmean"
-    ) * (T * T)
+    """Hinton et al. 2015: KL(log_softmax(s/T) ‖ softmax(t/T)), reduction batchmean, × T²
+    (:func:`kd_loss_probs` with p = softmax(t/T))."""
+    return kd_loss_probs(student_logits, F.softmax(teacher_logits / T, dim=1), T)
 
 
-def distill_loss(student_logits, teacher_logits, T: float, alpha: float, weights=None) -> torch.Tensor:
-    """α · KD + (1 − α) · CE(s, argmax t); ``weights`` (N) re-weight samples (φ · importance weights):
-    loss = Σ_i w_i · ℓ_i / N."""
+def distill_loss(student_logits, teacher_logits, T: float, alpha: float, weights=None, *, gamma: float | None = None,
+                 labels=None, feature=None, beta: float = 0.0) -> torch.Tensor:
+    """The KD objective, the one that synthesize's proxy student and distill train with:
+        L = Σ_i w_i·[α·T²·KL(softmax(t_i/T) ‖ softmax(s_i/T)) + γ·CE(s_i, y_i)] / N  +  β·feature
+    (the KD term: :func:`kd_per_sample`, whose batch mean is :func:`kd_loss`). γ None = 1 − α; y_i:
+    ``labels`` when given, else argmax t_i; ``weights`` (N) re-weight samples (φ · importance weights);
+    ``feature``: the hint loss (kdpipe/feature_kd.py), added × β when β ≠ 0."""
+    gamma = 1 - alpha if gamma is None else gamma
     per = alpha * kd_per_sample(student_logits, teacher_logits, T)
-    if alpha < 1:
-        per = per + (1 - alpha) * F.cross_entropy(student_logits, teacher_logits.argmax(1), reduction="none")
+    if gamma:
+        target = labels if labels is not None else teacher_logits.argmax(1)
+        per = per + gamma * F.cross_entropy(student_logits, target, reduction="none")
     if weights is not None:
         per = per * weights
-    return per.mean()
+    loss = per.mean()
+    return loss + beta * feature if beta and feature is not None else loss
 
 
 def multi_teacher_targets(teacher_logits, T: float, weights=None) -> torch.Tensor:

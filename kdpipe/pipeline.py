@@ -1,24 +1,88 @@
-"""Run the whole DAG under one MLflow parent run, either through ``dvc repro`` (versioned: the
-default inside a DVC project with params.yaml as the config) or in this process (any config)."""
+"""The one orchestrator of the DAG: ``kdpipe run`` (kdpipe/cli.py) and the Prefect flow
+(flows/pipeline.py) both call ``run_pipeline``; Prefect only wraps the per-stage call as a task.
+
+One MLflow parent run spans the stages. Each stage runs through ``dvc repro --single-item <stage>``
+(versioned: the default inside a DVC project with params.yaml as it is) or in this process (any config).
+
+Preflight (``preflight``), before any work, the same for both callers: the config loads; ``use_dvc``
+with another config or overrides is refused (a ConfigError saying to use ``dvc exp run -S key=value``
+or ``--no-dvc``: ``dvc repro`` would run params.yaml while the parent run logged the overridden config);
+``push`` needs the DVC route and a default remote; under DVC, ``dag.check`` (dvc.yaml's data deps are
+those the config needs); ``check_tracking`` (the tracking store answers).
+
+Retry rule (``transient``), the same for both callers: a stage is retried (``RETRIES`` times, after
+~5 s then ~10 s, ±50 % jitter; KDPIPE_RETRY_BACKOFF_S sets the 5) only on a transient fault. Not
+retried, since a re-run fails the same way: a config or data error (ConfigError, DataError: the CLI's
+exit 2), a NaN/inf stop (FloatingPointError: exit 1, "stopped:"), an export that failed its onnxruntime
+check (ExportError). Anything else is taken as transient: an OSError (a disk, a tracking server or a
+DVC remote briefly away), a stage process killed by a signal (the OOM killer, a preempted node), DVC's
+own failures (its repo lock held by another process). (A stage's own ``check_tracking`` raises a
+ConfigError, so a tracking server that goes away between preflight and a stage's start is not retried.)
+
+How a stage's kind of failure crosses ``dvc repro``: DVC does not pass the stage's exit code on (it
+exits 255 for any failed stage and only prints "failed to run: <cmd>, exited with N"), and exit 1
+means a NaN stop as well as a crash. So ``dvc_repro`` points the env var ``KDPIPE_FAILURE_FILE`` of the
+``dvc repro`` it starts (DVC passes its env to the stage command) at a fresh temp file;
+``kdpipe.stages.run_stage``, on a failure of one of the kinds above, writes
+``{"stage", "kind", "message"}`` there. When ``dvc repro`` fails, ``dvc_repro`` re-raises that file's
+failure as the exception the stage raised (so the CLI prints "kdpipe: error: ..." and exits 2, or
+"kdpipe: stopped: ..." and exits 1, as in-process, and the Prefect task is not retried); no file
+(killed, crashed, DVC's own error) raises StageFailed: transient.
+"""
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
 from kdpipe import paths
-from kdpipe.config import Config, ConfigError
-from kdpipe.stages import run_stage, stages_for
-from kdpipe.tracking import pipeline_run, tag_dvc_lock
+from kdpipe.config import Config, ConfigError, load_config
+from kdpipe.stages import FAILURE_FILE_ENV, failure_kind, read_failure, run_stage, stages_for
+from kdpipe.tracking import check_tracking, pipeline_run, tag_dvc_lock
+
+RETRIES = 2  # a stage is tried at most 1 + RETRIES times, on transient faults only
+# the retry delays: 5 s, then 10 s (KDPIPE_RETRY_BACKOFF_S: another base, read at import)
+RETRY_BACKOFF_S = float(os.environ.get("KDPIPE_RETRY_BACKOFF_S", 5))
+RETRY_JITTER = 0.5  # each delay ±50 % (Prefect's retry_jitter_factor)
+
+
+def retry_delays() -> list[float]:
+    """The delay before each retry (the Prefect task's retry_delay_seconds; the CLI sleeps the same)."""
+    return [RETRY_BACKOFF_S * 2 ** i for i in range(RETRIES)]
+
+
+def transient(exc: BaseException) -> bool:
+    """The retry rule: True unless re-running cannot fix it (config/data error, NaN stop, failed export)."""
+    return isinstance(exc, Exception) and failure_kind(exc) is None
+
+
+def with_retries(call: Callable[[], object], what: str):
+    """``call()``, retried on transient faults like the Prefect task is (``RETRIES``, ``retry_delays``)."""
+    delays = retry_delays()
+    for attempt in range(RETRIES + 1):
+        try:
+            return call()
+        except Exception as e:
+            if attempt == RETRIES or not transient(e):
+                raise
+            delay = delays[attempt] * (1 + random.uniform(-RETRY_JITTER, RETRY_JITTER))
+            print(f"[kdpipe] {what}: attempt {attempt + 1} failed ({type(e).__name__}: {e}); a transient fault: "
+                  f"retrying in {delay:.0f} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
 
 
 class StageFailed(RuntimeError):
-    """A stage run by ``dvc repro`` exited non-zero (it printed why)."""
+    """``dvc repro`` (or ``dvc push``) failed without a stage's ConfigError / DataError / NaN stop /
+    ExportError (KDPIPE_FAILURE_FILE): a stage killed or crashed, or DVC's own error (printed above).
+    Transient under the retry rule."""
 
 
 def dvc_available() -> bool:
@@ -29,11 +93,12 @@ def _dvc() -> str:
     return shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
 
 
-def _run(cmd: list[str], log: Callable[[str], None] | None) -> int:
+def _run(cmd: list[str], log: Callable[[str], None] | None, env: dict | None = None) -> int:
     """Run ``cmd``; without ``log`` its output goes straight to this terminal (progress bars and all).
     With ``log`` (the Prefect run logger's ``info``), its stdout and stderr are read line by line as
-    they come, still written to this process's stdout / stderr, and each line is passed to ``log``."""
-    env = os.environ.copy()
+    they come, still written to this process's stdout / stderr, and each line is passed to ``log``.
+    ``env``: added to this process's environment."""
+    env = {**os.environ, **(env or {})}
     if log is None:
         return subprocess.run(cmd, env=env).returncode
     env["PYTHONUNBUFFERED"] = "1"  # the stages are Python: line by line, not at exit
@@ -55,9 +120,16 @@ def _run(cmd: list[str], log: Callable[[str], None] | None) -> int:
 
 def dvc_repro(stage: str | None = None, single: bool = False, log: Callable[[str], None] | None = None) -> None:
     """``dvc repro [--single-item] [stage]`` as a subprocess; the parent run id travels in the env.
-    ``log``: also pass each output line to it (flows/pipeline.py: the Prefect run logger)."""
+    ``log``: also pass each output line to it (flows/pipeline.py: the Prefect run logger).
+    A failed stage's ConfigError / DataError / FloatingPointError / ExportError is raised again here
+    (KDPIPE_FAILURE_FILE, the module docstring); any other failure raises StageFailed."""
     cmd = [_dvc(), "repro"] + (["--single-item"] if single else []) + ([stage] if stage else [])
-    rc = _run(cmd, log)
+    with tempfile.TemporaryDirectory(prefix="kdpipe-failure-") as tmp:
+        marker = Path(tmp) / "failure.json"
+        rc = _run(cmd, log, env={FAILURE_FILE_ENV: str(marker)})
+        failure = read_failure(marker) if rc != 0 else None
+    if failure is not None:
+        raise failure
     if rc != 0:
         raise StageFailed(f"'dvc {' '.join(cmd[1:])}' failed with exit code {rc}")
 
@@ -125,22 +197,61 @@ def summary() -> str:
     ])
 
 
-def run_pipeline(cfg: Config, use_dvc: bool, name: str = "pipeline", push: bool = False) -> dict:
-    """``push``: after a successful ``dvc repro``, ``dvc push`` the outputs to the default remote
-    (checked before any work: a ConfigError when none is set)."""
-    if push:
+def preflight(config: str = "params.yaml", overrides: list[str] | None = None, use_dvc: bool | None = None,
+              push: bool = False) -> tuple[Config, bool]:
+    """Everything that can fail before any work, for ``kdpipe run`` and the flow alike: the config,
+    the route (``use_dvc`` None: DVC when params.yaml is used as it is in a DVC project), ``push``'s
+    remote, dvc.yaml's data deps (DVC route), the tracking store. Returns (config, use_dvc)."""
+    overrides = list(overrides or [])
+    cfg = load_config(config, overrides)  # a bad parameter fails here
+    plain = config == "params.yaml" and not overrides
+    if use_dvc is None:
+        use_dvc = plain and dvc_available()
+    if use_dvc and not plain:  # dvc repro runs params.yaml: it would not run the config the parent run logs
+        raise ConfigError("the DVC route runs params.yaml as it is; for another config or overrides use "
+                          "'dvc exp run -S key=value' (versioned) or run without DVC ('kdpipe run --no-dvc --set ...', "
+                          "'python -m flows.pipeline --no-dvc', flow parameter use_dvc=false)")
+    if push:  # a run that cannot share its outputs should say so now, not hours later
         if not use_dvc:
             raise ConfigError("--push pushes what 'dvc repro' versioned: it needs the DVC route (params.yaml as it "
                               "is, in a DVC project), not --no-dvc / --config / --set")
         require_remote()
-    with pipeline_run(cfg, name=name, tags={"kdpipe.runner": "dvc" if use_dvc else "in-process"}) as parent:
-        if use_dvc:
-            dvc_repro()
-            if parent is not None:
-                tag_dvc_lock(parent.info.run_id)  # the last stage's lock entry, written after it ended
-        else:
-            for stage in stages_for(cfg):
-                run_stage(stage, cfg)
+    if use_dvc:
+        from kdpipe import dag
+
+        dag.check(cfg)  # dvc.yaml's data deps must be those params.yaml needs (distill.data, teachers)
+    check_tracking(cfg)  # before the parent run opens (MLflow would retry for minutes)
+    return cfg, use_dvc
+
+
+def run_one(stage: str, cfg: Config, use_dvc: bool, log: Callable[[str], None] | None = None) -> None:
+    """One try of one stage: ``dvc repro --single-item <stage>`` or in this process (what Prefect's task wraps)."""
+    if use_dvc:
+        dvc_repro(stage, single=True, log=log)
+    else:
+        run_stage(stage, cfg)
+
+
+def run_pipeline(config: str = "params.yaml", overrides: list[str] | None = None, use_dvc: bool | None = None,
+                 push: bool = False, *, name: str = "pipeline", runner: tuple[str, str] = ("dvc", "in-process"),
+                 tags: dict | None = None, stage_call: Callable[[str, Config, bool], None] | None = None,
+                 push_call: Callable[[], str] | None = None) -> dict:
+    """Preflight, then each stage of the config's DAG under one MLflow parent run (tagged
+    ``kdpipe.runner`` = runner[0] on the DVC route, runner[1] in-process, plus ``tags``), the
+    accuracies logged on it, then ``push`` (``dvc push`` to the default remote).
+    ``stage_call(stage, cfg, use_dvc)``: one stage with its retries (default: ``run_one`` under
+    ``with_retries``; the flow: its Prefect task). ``push_call()``: the push, returning the remote's name.
+    Returns parent_run_id, parent (the MLflow run or None), cfg, use_dvc, summary (text), pushed (remote or None)."""
+    cfg, use_dvc = preflight(config, overrides, use_dvc, push)
+    if stage_call is None:
+        def stage_call(stage, cfg, use_dvc):
+            with_retries(lambda: run_one(stage, cfg, use_dvc), stage)
+    all_tags = {"kdpipe.runner": runner[0] if use_dvc else runner[1], **(tags or {})}
+    with pipeline_run(cfg, name=name, tags=all_tags) as parent:
+        for stage in stages_for(cfg):
+            stage_call(stage, cfg, use_dvc)
+        if parent is not None and use_dvc:
+            tag_dvc_lock(parent.info.run_id)  # the last stage's lock entry, written after it ended
         text = summary()
         if parent is not None:
             import mlflow
@@ -151,7 +262,8 @@ def run_pipeline(cfg: Config, use_dvc: bool, name: str = "pipeline", push: bool 
             if m.get("data") == "none":
                 mlflow.log_metrics({"fidelity_agreement": m["agreement"], "fidelity_kl": m["student"]["kl"]})
                 mlflow.set_tag("kdpipe.real_data", "none")
+    pushed = None
     if push:
-        print(f"[kdpipe] outputs pushed to DVC remote '{dvc_push()}'", flush=True)
-    print(text, flush=True)
-    return {"parent_run_id": parent.info.run_id if parent else None}
+        pushed = push_call() if push_call is not None else with_retries(dvc_push, "dvc push")
+    return {"parent_run_id": parent.info.run_id if parent else None, "parent": parent, "cfg": cfg,
+            "use_dvc": use_dvc, "summary": text, "pushed": pushed}

@@ -1,4 +1,4 @@
-"""Resume checkpoints for the long stages (train-teacher, synthesize, distill).
+"""Resume checkpoints for the long stages (train-teacher, baseline, synthesize, distill).
 
 One file per stage, ``<resume.dir>/<stage>.pt`` (scratch: not a DVC output, git-ignored), written
 atomically every ``resume.every`` epochs/rounds and deleted when the stage has written its outputs.
@@ -8,8 +8,11 @@ numpy, random), so a run killed with -9 and started again ends bit-identical to 
 on CPU with a fixed seed. Reading and writing it draws no random numbers.
 
 The file is keyed by the params hash (every section but ``resume``, ``tracking`` and ``audit``,
-which do not change results) and the DVC md5 of the stage's inputs and code; a checkpoint written
-with other params or inputs is ignored, and the stage says so. Loaded with weights_only=True.
+which do not change results), the DVC md5 of the stage's inputs and the sha256 of the code it runs
+(:func:`code_files`: the kdpipe/ deps that dvc.yaml, i.e. ``kdpipe dag``, lists for the stage, so a
+change in e.g. kdpipe/routes.py or kdpipe/losses.py invalidates distill's checkpoint as it re-runs
+the stage under DVC); a checkpoint written with other params, inputs or code is ignored, and the
+stage says so (naming the changed code files). Loaded with weights_only=True.
 It also names the MLflow run that wrote it: the resumed run is tagged ``kdpipe.resumed_run`` with
 that id, and the killed run, left RUNNING by a SIGKILL, is marked KILLED.
 
@@ -59,10 +62,45 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
     random.setstate(state["random"])
 
 
-def resume_key(cfg: Config, stage: str, inputs) -> str:
-    """sha256 of the stage name, the result-relevant params and the DVC md5 of each input (file or folder)."""
+PACKAGE = Path(__file__).resolve().parent  # the kdpipe package that runs
+
+
+def code_files(stage: str) -> list[Path]:
+    """The code ``stage`` runs, for its fingerprint: the code deps (``kdpipe/...``) of the stage in the
+    dvc.yaml beside the running kdpipe package (a checkout; the same list ``kdpipe dag`` prints and
+    DVC re-runs the stage for); without one (an installed kdpipe, a copy of its sources, a stage
+    dvc.yaml does not list) every .py file of the package: any code change invalidates the checkpoint."""
+    import yaml
+
+    try:
+        deps = yaml.safe_load((PACKAGE.parent / "dvc.yaml").read_text())["stages"][stage].get("deps") or []
+    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        deps = []
+    code = [PACKAGE.parent / d for d in map(str, deps) if d.startswith(f"{PACKAGE.name}/")]
+    return code or [PACKAGE]
+
+
+def code_digests(files) -> dict[str, str]:
+    """{name: sha256} of each code file; a folder counts as its .py files (never __pycache__), a missing
+    file as "missing". Names are relative to the package's parent where they can be."""
+    out = {}
+    for f in map(Path, files):
+        for g in (sorted(f.rglob("*.py")) if f.is_dir() else [f]):
+            try:
+                name = g.resolve().relative_to(PACKAGE.parent).as_posix()
+            except ValueError:
+                name = str(g)
+            out[name] = hashlib.sha256(g.read_bytes()).hexdigest() if g.is_file() else "missing"
+    return out
+
+
+def resume_key(cfg: Config, stage: str, inputs, code: dict | None = None) -> str:
+    """sha256 of the stage name, the result-relevant params, the DVC md5 of each input (file or folder)
+    and the code digests (:func:`code_digests`; by default those of the stage's :func:`code_files`)."""
     params = cfg.model_dump(mode="json", exclude={"resume", "tracking", "audit"})
-    blob = json.dumps({"stage": stage, "params": params, "inputs": [dvc_md5(p) for p in inputs]}, sort_keys=True)
+    code = code_digests(code_files(stage)) if code is None else code
+    blob = json.dumps({"stage": stage, "params": params, "inputs": [dvc_md5(p) for p in inputs], "code": code},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -81,12 +119,15 @@ def close_killed_run(run_id: str) -> None:
 
 class Resume:
     """The resume checkpoint of one stage run: ``load`` at the start, ``save`` after each epoch or
-    round, ``finish`` once the outputs are written. ``unit`` names what is counted (epoch, round)."""
+    round, ``finish`` once the outputs are written. ``unit`` names what is counted (epoch, round).
+    ``inputs``: the stage's data (files or folders); ``code``: the code files it runs (default
+    :func:`code_files` of the stage)."""
 
-    def __init__(self, cfg: Config, stage: str, inputs, unit: str = "epoch"):
+    def __init__(self, cfg: Config, stage: str, inputs, unit: str = "epoch", code=None):
         self.enabled, self.every, self.stage, self.unit = cfg.resume.enabled, cfg.resume.every, stage, unit
         self.path = Path(cfg.resume.dir) / f"{stage}.pt"
-        self.key = resume_key(cfg, stage, inputs) if self.enabled else None
+        self.code = code_digests(code_files(stage) if code is None else code) if self.enabled else {}
+        self.key = resume_key(cfg, stage, inputs, self.code) if self.enabled else None
         self.run_id = None  # the MLflow run writing the checkpoints (set by load)
 
     def load(self, tracker, generator: torch.Generator | None = None) -> dict | None:
@@ -120,7 +161,10 @@ class Resume:
         except Exception as e:  # a checkpoint that cannot be read is never trusted
             state, stale = None, f"unreadable ({type(e).__name__})"
         if state is None or stale:
-            why = stale if isinstance(stale, str) else "written with other params or inputs"
+            old = state.get("code") if isinstance(state, dict) else None
+            changed = sorted(n for n in {*self.code, *old} if self.code.get(n) != old.get(n)) if isinstance(old, dict) else []
+            why = (stale if isinstance(stale, str) else f"written with other code ({', '.join(changed)} changed)"
+                   if changed else "written with other params or inputs")
             print(f"[kdpipe] {self.stage}: ignoring resume checkpoint {self.path}: {why}; starting from scratch", flush=True)
             tracker.set_tags({"kdpipe.resume_ignored": why})
             return None, None
@@ -159,7 +203,7 @@ class Resume:
         Every rank may call it; each node's local rank 0 writes (nodes need not share a disk)."""
         if self.enabled and self.writer and done < total and done % self.every == 0:
             save_torch({"key": self.key, "stage": self.stage, "done": done, "run_id": self.run_id,
-                        "rng": rng_state(generator), **state}, self.path)
+                        "code": self.code, "rng": rng_state(generator), **state}, self.path)
 
     def finish(self) -> None:
         """Remove this node's copy (rank 0: once the outputs are written; other nodes: once trained)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kdpipe import data, paths
-from kdpipe.data import DataError
+from kdpipe.errors import DataError
 from kdpipe.synth.replay import prioritized_sample
 from kdpipe.teachers import teacher_logits
 from kdpipe.utils import load_json, load_torch, sha256_tensors

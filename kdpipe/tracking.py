@@ -101,7 +101,7 @@ class Tracker:
         self.mlflow.log_input(ds, context=context, tags={"kdpipe.data_kind": kind})
 
 
-def _dvc_invocation() -> str | None:
+def dvc_invocation() -> str | None:
     """Under a bare ``dvc repro`` / ``dvc exp run``: "<pid>-<start time>" of that dvc process."""
     import psutil
 
@@ -119,7 +119,7 @@ def _dvc_invocation() -> str | None:
 
 def _bare_dvc_parent(mlflow, cfg: Config) -> str | None:
     """The parent run of this bare ``dvc repro`` (created by its first stage), or None."""
-    key = _dvc_invocation()
+    key = dvc_invocation()
     if key is None:
         return None
     client = mlflow.MlflowClient()
@@ -217,7 +217,7 @@ def served_sha256(name: str, version: str) -> str:
 
 
 def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metrics: dict,
-                     signature=None) -> str | None:
+                     signature=None, pytorch_model=None, example=None) -> str | None:
     """Log the student (ONNX model + the PyTorch state_dict and spec) in the export run, register it
     as ``tracking.registered_model`` and point ``tracking.alias`` at the new version, whose tags
     carry the evaluation metrics. Returns the version."""
@@ -225,6 +225,7 @@ def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metr
         return None
     import mlflow
     import mlflow.onnx
+    import mlflow.pytorch
     import onnx
     import onnxruntime
 
@@ -234,7 +235,12 @@ def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metr
     # one file (no external weights), so the registry serves the bytes of data/export/student.onnx
     info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="student", registered_model_name=name,
                                  pip_requirements=reqs, save_as_external_data=False, signature=signature)
-    mlflow.log_artifacts(str(pytorch_dir), "student_pytorch")
+    mlflow.log_artifacts(str(pytorch_dir), "student_pytorch")  # the state_dict + spec: torch.load(weights_only=True)
+    if pytorch_model is not None:  # the PyTorch flavour beside the ONNX one: torch.export's .pt2 (a traced graph, no
+        import torch                # pickle), loaded by mlflow.pytorch.load_model
+
+        mlflow.pytorch.log_model(pytorch_model.eval(), name="student_torch", input_example=example, signature=signature,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, model_id=info.model_id)
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)

@@ -117,3 +117,20 @@ def fit_supervised(model: nn.Module, x, y, xv, yv, cfg: TrainCfg, tracker, desc:
         resume.finish()  # ... a node that writes none, its copy now
     check_weights(desc, model)
     return {"val_acc": val_acc, "train_loss": m["train_loss"], "epochs": cfg.epochs}
+
+
+def supervised_setup(cfg, arch: str):
+    """The start of a supervised stage (train-teacher, baseline): the seeded generator, the model spec, a fresh
+    ``arch`` on the device (cuda:<LOCAL_RANK> under torchrun), and the (x, y) train and val splits, on the GPU
+    when they fit there, else on the host."""
+    from kdpipe import accel, data, dist
+    from kdpipe.models import build_model, make_spec
+    from kdpipe.utils import pick_device, seed_everything
+
+    g = seed_everything(cfg.seed)
+    device = dist.device_for(pick_device(cfg.device))
+    meta = data.load_meta()
+    spec = make_spec(arch, meta)
+    model = build_model(spec).to(device)
+    where = accel.split_device(cfg.speed, device, meta)
+    return g, spec, model, data.load_split("train", where), data.load_split("val", where)

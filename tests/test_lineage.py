@@ -122,3 +122,28 @@ def test_html_graph_written_and_logged(dvc_project, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
     mv = client.get_model_version_by_alias("kdpipe-student", "candidate")
     assert "lineage/lineage.html" in {a.path for a in client.list_artifacts(mv.run_id, "lineage")}
+
+
+def test_registered_onnx_has_a_signature_and_the_pytorch_flavour_sits_beside_it(dvc_project, monkeypatch):
+    import mlflow
+    import torch
+
+    from kdpipe import paths
+    from kdpipe.checkpoints import load_model
+
+    proj, _ = dvc_project
+    monkeypatch.chdir(proj)
+    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version_by_alias("kdpipe-student", "candidate")
+    sig = mlflow.models.get_model_info(f"models:/kdpipe-student/{mv.version}").signature
+    (inp,), (out,) = sig.inputs.inputs, sig.outputs.inputs
+    assert inp.shape == (-1, 1, 8, 8) and out.shape == (-1, 10)
+    exp = client.get_run(mv.run_id).info.experiment_id
+    (torch_model,) = [m for m in mlflow.search_logged_models(experiment_ids=[exp], output_format="list")
+                      if m.source_run_id == mv.run_id and m.name == "student_torch"]
+    loaded = mlflow.pytorch.load_model(f"models:/{torch_model.model_id}")  # torch.export's .pt2: no pickle
+    student, _ = load_model(paths.STUDENT, "cpu")
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), student(x), atol=1e-5)

@@ -140,6 +140,9 @@ def test_prefect_flow_in_process(tmp_path):
     client, parent = _check_prefect_run(proj, "prefect")
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {c.data.tags["kdpipe.stage"] for c in children} == set(STAGES)
+    m = json.loads((proj / "data/reports/metrics.json").read_text())  # the parent's accuracies, as kdpipe run logs them
+    assert {k: parent.data.metrics[f"{k}_accuracy"] for k in ("teacher", "student", "baseline")} == \
+        {k: pytest.approx(m[k]["accuracy"]) for k in ("teacher", "student", "baseline")}
     assert (proj / "data/export/student.onnx").exists()
 
 
@@ -169,8 +172,23 @@ def test_data_free_stages_without_the_real_data(dvc_project, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (digest(proj), digest(iso))
 
 
-def test_changing_a_distill_param_reruns_only_downstream(dvc_project):
-    proj, _ = dvc_project
+def project_copy(proj, dest):
+    """A copy of the session's shared ``dvc_project`` for a test that changes it (params, outputs, commits,
+    runs): the fixture stays as the other tests, in whatever order, read it. Git, DVC and MLflow state come
+    along; the MLflow experiment's artifact location is pointed at the copy, so new runs write there."""
+    import contextlib
+    import shutil
+    import sqlite3
+
+    shutil.copytree(proj, dest, symlinks=True)
+    with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                   (str(proj.resolve()), str(dest.resolve())))
+    return dest
+
+
+def test_changing_a_distill_param_reruns_only_downstream(dvc_project, tmp_path):
+    proj = project_copy(dvc_project[0], tmp_path / "proj")
     p = yaml.safe_load((proj / "params.yaml").read_text())
     p["distill"]["epochs"] = 3
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))

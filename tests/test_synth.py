@@ -177,3 +177,68 @@ def test_reservoir_fills_then_resumes_bit_for_bit():
     assert torch.equal(r.x, r2.x) and torch.equal(r.age, r2.age) and torch.equal(r.logits, r2.logits)
     st = r.state()
     assert st["x"].dtype == torch.uint8 and len(st["x"]) == 10 and torch.equal(st["x"], r.x)
+
+
+def _tiny_synthesizer(momentum: float):
+    from kdpipe.config import Config
+    from kdpipe.synth.synthesizer import Synthesizer
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten(), nn.Linear(4, 3))
+    teacher[1].running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    teacher[1].running_var.copy_(torch.tensor([1.0, 0.5, 2.0, 1.5]))
+    teacher.eval().requires_grad_(False)
+    student = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(4, 3))
+    cfg = Config()
+    s = cfg.synthesize.model_copy(update=dict(capacity=16, rounds=2, batch_size=8, g_steps=3, kd_steps=2,
+                                              warmup_rounds=0, nz=8, ngf=8, bn_momentum=momentum))
+    spec = {"num_classes": 3, "in_channels": 1, "image_size": 8}
+    return Synthesizer(s, cfg.speed, teacher, student, spec, torch.device("cpu"), torch.Generator().manual_seed(0))
+
+
+def test_bn_momentum_statistics_move_once_per_round_not_on_the_buffer_forward():
+    """Fast's update_mmt: μ̄ ← m·μ̄ + (1−m)·μ_batch once per round, from the last generator step's batch (the
+    first round: μ̄ ← μ_batch); the buffer's no-grad forward of the teacher neither moves μ̄ nor sets the loss,
+    and the logged ``bn`` is the last generator step's L_BN = ‖m·μ̄ + (1−m)·μ − μ_run‖ + ‖m·σ̄² + (1−m)·σ² − σ²_run‖."""
+    m = 0.9
+    synth = _tiny_synthesizer(m)
+    bn_layer, hook = synth.teacher[1], synth.bn.hooks[0]
+    seen = []  # per teacher forward: (grad enabled = a generator step, μ, σ², μ̄ as the prior held it)
+    bn_layer.register_forward_hook(lambda mod, i, o: seen.append(
+        (torch.is_grad_enabled(), *[t.detach().clone() for t in
+                                    (i[0].mean((0, 2, 3)), i[0].var((0, 2, 3), unbiased=False))],
+         None if hook.mean_prev is None else hook.mean_prev.clone())))
+    golden_mean = None
+    for r in range(2):
+        seen.clear()
+        metrics = synth.round(r)
+        steps = [e for e in seen if e[0]]
+        assert len(steps) == synth.s.g_steps and len(seen) == synth.s.g_steps + 1  # + the buffer's no-grad forward
+        assert not seen[-1][0]
+        # μ̄ did not move during the generator steps; it moved once after them, and the buffer's forward (which
+        # saw the moved μ̄) left it there
+        for e in steps:
+            assert (e[3] is None) if golden_mean is None else torch.equal(e[3], golden_mean)
+        assert torch.equal(seen[-1][3], hook.mean_prev)
+        _, mu, var, _ = steps[-1]  # the last generator step's batch statistics
+        if golden_mean is None:
+            gm, gv = mu, var
+            loss = torch.norm(mu - bn_layer.running_mean) + torch.norm(var - bn_layer.running_var)
+        else:
+            gm, gv = m * golden_mean + (1 - m) * mu, m * golden_var + (1 - m) * var
+            loss = (torch.norm(m * golden_mean + (1 - m) * mu - bn_layer.running_mean)
+                    + torch.norm(m * golden_var + (1 - m) * var - bn_layer.running_var))
+        assert metrics["bn"] == pytest.approx(loss.item(), rel=1e-5)
+        assert torch.allclose(hook.mean_prev, gm, atol=1e-6) and torch.allclose(hook.var_prev, gv, atol=1e-6)
+        # ... and not what the buffer's forward would have given
+        assert not torch.allclose(hook.mean_prev, m * (gm if golden_mean is None else golden_mean)
+                                  + (1 - m) * seen[-1][1], atol=1e-6) or golden_mean is None
+        golden_mean, golden_var = hook.mean_prev.clone(), hook.var_prev.clone()  # equal to gm, gv up to rounding
+    # the state a resume carries: the momentum statistics
+    fresh = _tiny_synthesizer(m)
+    fresh.load_state_dict(synth.state_dict())
+    assert torch.equal(fresh.bn.hooks[0].mean_prev, golden_mean) and torch.equal(fresh.bn.hooks[0].var_prev, golden_var)
+    synth.close()
+    fresh.close()

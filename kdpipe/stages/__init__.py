@@ -1,9 +1,16 @@
 """The stages, in DAG order. ``run_stage`` is the one way any caller (CLI, dvc repro, Prefect)
-executes a stage: it opens the stage's MLflow child run and prints the one-line summary."""
+executes a stage: it opens the stage's MLflow child run and prints the one-line summary.
+
+A stage that fails for a reason re-running cannot fix (a config or data error, a NaN stop, an export
+that failed its check) also writes its kind of failure to the file named by ``KDPIPE_FAILURE_FILE``
+when that is set: kdpipe.pipeline sets it for the ``dvc repro`` it starts, and reads it back to tell
+such a failure from a transient one (kdpipe/pipeline.py's docstring: the retry rule)."""
 from __future__ import annotations
 
 import contextlib
 import importlib
+import json
+import os
 import time
 
 from kdpipe.config import Config
@@ -11,6 +18,7 @@ from kdpipe.config import Config
 STAGES = ["prepare", "train-teacher", "baseline", "synthesize", "distill", "evaluate", "export"]
 # stages that must never read the real data (distill only on its default route, distill.data: synthetic)
 DATA_FREE = {"synthesize", "distill"}
+FAILURE_FILE_ENV = "KDPIPE_FAILURE_FILE"
 
 
 def stages_for(cfg: Config) -> list[str]:
@@ -32,13 +40,49 @@ def _check_dvc_deps(name: str, cfg: Config) -> None:
     from pathlib import Path
 
     from kdpipe import dag
-    from kdpipe.tracking import _dvc_invocation
+    from kdpipe.tracking import dvc_invocation
 
-    if name in dag.RENDERED and Path("dvc.yaml").exists() and _dvc_invocation() is not None:
+    if name in dag.RENDERED and Path("dvc.yaml").exists() and dvc_invocation() is not None:
         dag.check(cfg)
 
 
+def _permanent_kinds() -> dict:
+    """The failures re-running cannot fix, by the kind name a stage writes to KDPIPE_FAILURE_FILE."""
+    from kdpipe.config import ConfigError
+    from kdpipe.errors import DataError, ExportError
+
+    return {"config": ConfigError, "data": DataError, "stopped": FloatingPointError, "export": ExportError}
+
+
+def failure_kind(exc: BaseException) -> str | None:
+    """"config" | "data" | "stopped" (NaN/inf) | "export" for a failure re-running cannot fix, else None."""
+    return next((k for k, cls in _permanent_kinds().items() if isinstance(exc, cls)), None)
+
+
+def read_failure(path) -> Exception | None:
+    """The failure a stage wrote to ``path`` (KDPIPE_FAILURE_FILE), as the exception it raised, or None."""
+    try:
+        from pathlib import Path
+
+        rec = json.loads(Path(path).read_text())
+        return _permanent_kinds()[rec["kind"]](rec["message"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run_stage(name: str, cfg: Config) -> dict:
+    try:
+        return _run_stage(name, cfg)
+    except Exception as e:
+        path, kind = os.environ.get(FAILURE_FILE_ENV), failure_kind(e)
+        if path and kind:
+            with contextlib.suppress(OSError):
+                with open(path, "w") as f:
+                    json.dump({"stage": name, "kind": kind, "message": str(e)}, f)
+        raise
+
+
+def _run_stage(name: str, cfg: Config) -> dict:
     from kdpipe.data import data_free
     from kdpipe.tracking import check_tracking, stage_run
 

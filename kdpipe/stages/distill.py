@@ -1,6 +1,6 @@
 """Stage distill: train the student from the teacher(s) -> data/student/.
 
-Per batch (kdpipe.feature_kd.combined_loss):
+Per batch (kdpipe.losses.distill_loss):
     L = Σ_i w_i·φ_i·[α·T²·KL(p_i ‖ softmax(s_i/T)) + γ·CE(s_i, y_i)] / B  +  β·L_hint
   p_i: the teacher's softmax(t_i/T), or the ensemble's weighted mean of tempered probabilities
        (``teachers``, kdpipe/teachers.py); y_i: the real label where the sample has one, else the
@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 
 from kdpipe import accel, dist, paths
 from kdpipe.config import Config
-from kdpipe.data import DataError
-from kdpipe.feature_kd import FeatureKD, combined_loss
-from kdpipe.losses import kd_per_sample
+from kdpipe.errors import DataError
+from kdpipe.feature_kd import FeatureKD
+from kdpipe.losses import distill_loss, kd_per_sample
 from kdpipe.models import build_model
 from kdpipe.resume import Resume
 from kdpipe.routes import Batches, batch_sizes, real_pool, synthetic_pool
@@ -152,7 +152,7 @@ def run(cfg: Config, tracker) -> dict:
     agree_key, agree_labels = f"{pools[0].kind}_agreement", hard_labels(None, pools[0].t, tw)
     history, step = [], 0
     inputs = [paths.SYNTHETIC] * bool(n_syn) + [paths.PREPARED] * bool(n_real) + teacher_files(cfg)
-    resume = Resume(cfg, "distill", [*inputs, *[t.checkpoint for t in cfg.teachers if t.checkpoint], __file__])
+    resume = Resume(cfg, "distill", [*inputs, *[t.checkpoint for t in cfg.teachers if t.checkpoint]])  # + its code
     state = resume.load(tracker, g)
     if state:
         for obj, k in ((student, "student"), (opt, "optimizer"), (sched, "scheduler"), (ft_opt, "ft_optimizer"),
@@ -197,7 +197,8 @@ def run(cfg: Config, tracker) -> dict:
                 if d.phi:  # φ normalises over the global batch: the teacher's logits of all shards
                     t_all = dist.gather_shards(tb, sh, n, dim=1) if live else b.t
                     w = w * phi_weights(guide_logits(t_all, tw), s.phi_gamma, s.phi_clip, class_freq)[sh]
-                loss = combined_loss(sl, z, T, alpha, d.ce_weight, labels, w, feat, d.feature_weight)
+                loss = distill_loss(sl, z, T, alpha, w, gamma=d.ce_weight, labels=labels, feature=feat,
+                                    beta=d.feature_weight)
             k = dist.scale(len(xb), n)  # = 1 with one process
             o.zero_grad(set_to_none=True)
             (loss * k if dist.active() else loss).backward()

@@ -12,10 +12,8 @@ import torch
 from kdpipe import data, paths
 from kdpipe.checkpoints import load_model, read_spec
 from kdpipe.config import Config
-from kdpipe.errors import DataError
 from kdpipe.train import predict
-from kdpipe.utils import sha256_file
-from kdpipe.utils import atomic_path, load_json, load_torch, pick_device, save_figure, save_json
+from kdpipe.utils import atomic_path, pick_device, save_figure, save_json, sha256_file
 
 
 def confusion(pred: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:

@@ -28,13 +28,20 @@ from kdpipe.tracking import register_student
 from kdpipe.utils import atomic_path, load_json, load_torch, save_json, sha256_file
 
 
+def as_exported(model: torch.nn.Module, spec: dict) -> torch.nn.Module:
+    """The student as it is exported: with a teacher card, behind the teacher's input convention (InputAdapter)."""
+    from kdpipe.teacher_card import InputAdapter
+
+    return InputAdapter(model, spec["input"]) if spec.get("input") else model
+
+
 def export_onnx(model: torch.nn.Module, spec: dict, path, opset: int) -> None:
     """``model`` (the student, [0, 1] N×C×H×W) as ONNX at ``path`` (export.run's temp path); with a teacher card
     (spec["input"]) it takes the teacher's own input convention instead (InputAdapter: a drop-in replacement)."""
-    from kdpipe.teacher_card import InputAdapter, to_convention
+    from kdpipe.teacher_card import to_convention
 
     c, s, conv = spec["in_channels"], spec["image_size"], spec.get("input")
-    net = InputAdapter(model, conv) if conv else model
+    net = as_exported(model, spec)
     dummy = to_convention(torch.rand(2, c, s, s), conv)
     conv = conv or {"layout": "NCHW", "range": [0, 1], "mean": None, "std": None}
     torch.onnx.export(net.cpu().eval(), (dummy,), str(path), input_names=["input"], output_names=["logits"],
@@ -137,7 +144,8 @@ def run(cfg: Config, tracker) -> dict:
     if tracker.mlflow:
         from mlflow.models import infer_signature  # input and logits: shapes and dtypes, batch dynamic
 
-        version = register_student(tracker, cfg, out, paths.STUDENT, signature=infer_signature(xin[:2], got[:2]), metrics={
+        version = register_student(tracker, cfg, out, paths.STUDENT, signature=infer_signature(xin[:2], got[:2]),
+                                   pytorch_model=as_exported(model, spec), example=xin[:2], metrics={
             **{f"{k}_accuracy": evaluated[k]["accuracy"] for k in ("teacher", "student")
                if "accuracy" in evaluated.get(k, {})},
             **({"fidelity_agreement": evaluated["agreement"], "fidelity_kl": evaluated["student"]["kl"]}

@@ -2,24 +2,16 @@
 With ``teacher.checkpoint`` (bring your own teacher: a state_dict for ``teacher.arch``, loaded with
 weights_only=True) nothing is trained: the checkpoint is checked against the architecture, scored
 on the validation split, and written to data/teacher/ as it is."""
-from kdpipe import accel, data, dist, paths
+from kdpipe import dist, paths
 from kdpipe.checkpoints import load_checkpoint
 from kdpipe.config import Config, ConfigError
-from kdpipe.models import build_model, make_spec
 from kdpipe.resume import Resume
-from kdpipe.train import accuracy, fit_supervised, predict
-from kdpipe.utils import pick_device, save_json, save_torch, seed_everything, sha256_file
+from kdpipe.train import accuracy, fit_supervised, predict, supervised_setup
+from kdpipe.utils import save_json, save_torch, sha256_file
 
 
 def run(cfg: Config, tracker) -> dict:
-    g = seed_everything(cfg.seed)
-    device = dist.device_for(pick_device(cfg.device))  # cuda:<LOCAL_RANK> under torchrun
-    meta = data.load_meta()
-    spec = make_spec(cfg.teacher.arch, meta)
-    model = build_model(spec).to(device)
-    where = accel.split_device(cfg.speed, device, meta)  # the GPU if the split fits there, else the host
-    x, y = data.load_split("train", where)
-    xv, yv = data.load_split("val", where)
+    g, spec, model, (x, y), (xv, yv) = supervised_setup(cfg, cfg.teacher.arch)
     tracker.log_params({"teacher": cfg.teacher.model_dump(mode="json"), "seed": cfg.seed,
                         "n_params": sum(p.numel() for p in model.parameters())})
     if cfg.teacher.checkpoint:  # bring your own teacher: nothing is trained
@@ -34,7 +26,7 @@ def run(cfg: Config, tracker) -> dict:
                           "teacher.checkpoint_sha256": digest})
         res = {"val_acc": accuracy(predict(model, xv), yv), "checkpoint_sha256": digest, "route": route}
     else:
-        resume = Resume(cfg, "train-teacher", [paths.PREPARED, __file__, train.__file__])
+        resume = Resume(cfg, "train-teacher", [paths.PREPARED])  # + the code it runs (kdpipe/resume.py)
         res = fit_supervised(model, x, y, xv, yv, cfg.teacher, tracker, "train-teacher", generator=g, resume=resume,
                              speed=cfg.speed)
     res["train_acc"] = accuracy(predict(model, x), y)

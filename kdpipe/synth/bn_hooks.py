@@ -1,9 +1,13 @@
 """BatchNorm-statistics prior (DeepInversion, as in Fast-Datafree), and the same prior on the data owner's
 activation statistics for a teacher without BatchNorm.
 
-For every BN layer l of the frozen teacher, with batch statistics μ_l, σ²_l of its input
-(mixed with the previous batch's by momentum m, as Fast does: μ ← m·μ_prev + (1−m)·μ_batch):
+For every BN layer l of the frozen teacher, with batch statistics μ_l, σ²_l of its input, mixed with the
+momentum statistics μ̄_l, σ̄²_l of earlier rounds (as Fast does; momentum m, ``synthesize.bn_momentum``):
+    μ_l ← m·μ̄_l + (1−m)·μ_l,   σ²_l ← m·σ̄²_l + (1−m)·σ²_l        (until the first update: the batch's own)
     L_BN = Σ_l ‖μ_l − μ_l^run‖₂ + ‖σ²_l − σ²_l^run‖₂
+and ``update()``, called once per round (Fast's ``update_mmt``), moves the momentum statistics with the last
+forward's batch statistics: μ̄_l ← m·μ̄_l + (1−m)·μ_l^batch (the first update: μ̄_l ← μ_l^batch); a forward
+under ``paused()`` (the buffer's no-grad forward) changes neither the loss nor what ``update()`` reads.
 Without BN (folded by the exporter), the targets can come from the data owner instead (``kdpipe activation-stats``,
 ``synthesize.stats``): per-channel mean and variance of every convolution's output on their data, μ_l^own, σ²_l^own,
 the same kind of aggregate as BN's running statistics; then L_BN = Σ_l ‖μ_l − μ_l^own‖₂ + ‖σ²_l − σ²_l^own‖₂ with
@@ -29,18 +33,32 @@ class BNStatsHook:
 
     def __init__(self, module: nn.Module, momentum: float = 0.0, target: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.module, self.momentum, self.target = module, momentum, target
-        self.mean_prev = self.var_prev = None
+        self.mean_prev = self.var_prev = None  # μ̄, σ̄²: the momentum statistics (None until the first update)
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None  # the last forward's (μ, σ²), for update()
+        self.active = True  # False: forwards leave the hook alone (BNPrior.paused)
         self.loss = torch.zeros(())
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
+        if not self.active:
+            return
         mean, var = channel_stats(inputs[0] if self.target is None else output)
+        self.batch = (mean.detach(), var.detach())
         if self.momentum > 0 and self.mean_prev is not None:
             mean = self.momentum * self.mean_prev + (1 - self.momentum) * mean
             var = self.momentum * self.var_prev + (1 - self.momentum) * var
         run_mean, run_var = (module.running_mean, module.running_var) if self.target is None else self.target
         self.loss = torch.norm(mean - run_mean, 2) + torch.norm(var - run_var, 2)
-        self.mean_prev, self.var_prev = mean.detach(), var.detach()
+
+    def update(self) -> None:
+        """μ̄ ← m·μ̄ + (1−m)·μ_batch, σ̄² likewise, from the last forward (the first: μ̄ ← μ_batch)."""
+        if self.momentum == 0 or self.batch is None:
+            return
+        mean, var = self.batch
+        if self.mean_prev is not None:
+            mean = self.momentum * self.mean_prev + (1 - self.momentum) * mean
+            var = self.momentum * self.var_prev + (1 - self.momentum) * var
+        self.mean_prev, self.var_prev = mean, var
 
     def remove(self):
         self.handle.remove()
@@ -48,7 +66,8 @@ class BNStatsHook:
 
 class BNPrior:
     """Hooks on every BatchNorm2d of ``model`` or, with ``stats`` ({module name: {"mean", "var"}}, the owner's
-    activation statistics), on those modules' outputs; ``loss()`` is Σ_l of the last forward's terms."""
+    activation statistics), on those modules' outputs; ``loss()`` is Σ_l of the last forward's terms;
+    ``update()`` moves the momentum statistics (once per round); ``state``/``load_state`` for a resume."""
 
     def __init__(self, model: nn.Module, momentum: float = 0.0, stats: dict | None = None):
         ref = next(iter([*model.parameters(), *model.buffers()]), None)
@@ -66,11 +85,20 @@ class BNPrior:
         return torch.stack([h.loss for h in self.hooks]).sum()
 
     def update(self) -> None:
-        pass
+        """Move every layer's momentum statistics once (called once per round, after the generator steps)."""
+        for h in self.hooks:
+            h.update()
 
     @contextmanager
     def paused(self):
-        yield
+        """Forwards inside leave the prior as it was (loss, batch statistics, momentum statistics)."""
+        for h in self.hooks:
+            h.active = False
+        try:
+            yield
+        finally:
+            for h in self.hooks:
+                h.active = True
 
     def state(self) -> list:
         return [(h.mean_prev, h.var_prev) for h in self.hooks]

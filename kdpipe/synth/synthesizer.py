@@ -4,7 +4,7 @@ Per round r, with teacher T (frozen), generator g (warm-started from round r−1
   1. g_steps generator steps on fresh latent codes z (targets y: uniform, or ∝ 1/(hist_B + 1)), x = g(z):
        L_G = Σ_i [φ_i·(w_adv·ℓ_adv + w_act·ℓ_act) + φ_i^{phi_ce}·w_ce·ℓ_ce]/N + w_bn·L_BN + w_ie·L_ie
            + Σ_i (w_tv·ℓ_tv + w_l2·ℓ_l2)/N        (image prior: stands in for L_BN when T has no BN)
-       θ_g, z ← Adam(∇L_G; lr_g / lr_z, betas adam_betas)
+       θ_g, z ← Adam(∇L_G; lr_g / lr_z, betas adam_beta1, adam_beta2)
      optionally Reptile: θ ← θ + η(θ_fast − θ)                                         (meta, meta_lr)
   2. BN prior: the momentum statistics move once, from the last generator step's batch statistics:
        μ̄_l ← m·μ̄_l + (1−m)·μ_l,  σ̄²_l ← m·σ̄²_l + (1−m)·σ²_l                           (bn_momentum m)
@@ -52,17 +52,19 @@ class Synthesizer:
         self.gen = Generator(s.nz, size, ch, s.ngf).to(device)
         for m in (teacher, student, self.gen):
             accel.frozen_module(m, speed, device)  # the memory format (channels_last on CUDA), in place
-        self.opt_g = accel.adam(self.gen.parameters(), s.lr_g, tuple(s.adam_betas), speed, device)
+        self.opt_g = accel.adam(self.gen.parameters(), s.lr_g, (s.adam_beta1, s.adam_beta2), speed, device)
         self.opt_s = accel.sgd(student.parameters(), s.kd_lr, s.kd_momentum, s.kd_weight_decay, speed, device)
         self.bn = BNPrior(teacher, s.bn_momentum, stats)
-        self.feats: dict = {}
-        if s.w_act > 0:
-            penultimate(teacher).register_forward_hook(lambda m, i, o: self.feats.__setitem__("f", i[0]))
+        self.feats: dict = {}  # the teacher's penultimate features, for the DAFL activation term
+        self.feat_hook = penultimate(teacher).register_forward_hook(
+            lambda m, i, o: self.feats.__setitem__("f", i[0])) if s.w_act > 0 else None
         self.buf = ReplayBuffer(s.capacity, (ch, size, size), C, device, s.eviction, s.priority_eps)
         self.kept = Reservoir(s.capacity, (ch, size, size), C, seed=seed) if s.keep == "reservoir" else None
         self.kd_total, self.kd_step, self.t_gen = s.rounds * s.kd_steps, 0, 0.0
 
     def round(self, r: int) -> dict:
+        """Round r (steps 1-4 above); its metrics: loss_g and bn (the unweighted BN prior) of the last generator
+        step, the buffer's size, class entropy and smallest / largest class count."""
         tg = time.perf_counter()
         fast, z, m = self._generator_steps(r)
         self._add_to_buffer(fast, z)
@@ -84,12 +86,12 @@ class Synthesizer:
         targets = targets.to(device)
         z = torch.randn(s.batch_size, s.nz, generator=g).to(device).requires_grad_(s.lr_z > 0)
         fast = copy.deepcopy(self.gen) if s.meta else self.gen
-        betas = tuple(s.adam_betas)
+        betas = (s.adam_beta1, s.adam_beta2)
         opt = accel.adam(fast.parameters(), s.lr_g, betas, speed, device) if s.meta else self.opt_g
         opt_z = accel.adam([z], s.lr_z, betas, speed, device) if s.lr_z > 0 else None
         student.eval().requires_grad_(False)  # the adversarial term needs grads through it, not of its weights
         use_adv = s.w_adv > 0 and r >= s.warmup_rounds
-        terms = []  # per step: the loss terms, kept on the device and checked once per round (no host sync per step)
+        terms = []  # per step: the loss terms, on the device, checked once per round (no host sync per step)
         for _ in range(s.g_steps):
             with accel.autocast(speed, device):
                 x = accel.inputs(fast(z), speed, device)
@@ -119,8 +121,9 @@ class Synthesizer:
             opt.step()
             if opt_z:
                 opt_z.step()
+        names = ("total", "ce", "adv_act", "bn", "ie", "image")
         check_finite_steps(f"synthesize (generator, round {r})", r * s.g_steps,
-                           **dict(zip(("total", "ce", "adv_act", "bn", "ie", "image"), torch.stack(terms).unbind(1))))
+                           **dict(zip(names, torch.stack(terms).unbind(1))))
         self.bn.update()  # step 2: the momentum statistics move once a round, from the last step's batch
         if s.meta:  # Reptile: θ ← θ + η (θ_fast − θ)
             with torch.no_grad():
@@ -141,7 +144,7 @@ class Synthesizer:
             self.kept.add(xq, t_xq)
 
     def _replay(self, r: int) -> None:
-        """Step 4: kd_steps of the proxy student on the buffer (uniform or prioritized replay), refreshing priorities."""
+        """Step 4: kd_steps of the proxy student on the buffer (uniform or prioritized), refreshing priorities."""
         s, buf, student, g = self.s, self.buf, self.student, self.g
         student.train().requires_grad_(True)
         n = min(s.batch_size, s.kd_batch_cap * buf.size)
@@ -171,13 +174,19 @@ class Synthesizer:
         return self.kept.state() if self.kept else self.buf.state()
 
     def close(self) -> None:
+        """Remove the hooks on the teacher."""
         self.bn.remove()
+        if self.feat_hook:
+            self.feat_hook.remove()
 
     def state_dict(self) -> dict:
         """Everything that carries over from one round to the next."""
-        return {"gen": self.gen.state_dict(), "opt_g": self.opt_g.state_dict(), "student": self.student.state_dict(),
-                "opt_s": self.opt_s.state_dict(), "buffer": self.buf.state_dict(), "kd_step": self.kd_step,
-                "t_gen": self.t_gen, "bn_prev": self.bn.state(), **({"kept": self.kept.state_dict()} if self.kept else {})}
+        st = {"gen": self.gen.state_dict(), "opt_g": self.opt_g.state_dict(), "student": self.student.state_dict(),
+              "opt_s": self.opt_s.state_dict(), "buffer": self.buf.state_dict(), "kd_step": self.kd_step,
+              "t_gen": self.t_gen, "bn_prev": self.bn.state()}
+        if self.kept:
+            st["kept"] = self.kept.state_dict()
+        return st
 
     def load_state_dict(self, st: dict) -> None:
         for obj, k in ((self.gen, "gen"), (self.opt_g, "opt_g"), (self.student, "student"), (self.opt_s, "opt_s"),
