@@ -67,17 +67,18 @@ PACKAGE = Path(__file__).resolve().parent  # the kdpipe package that runs
 
 def code_files(stage: str) -> list[Path]:
     """The code ``stage`` runs, for its fingerprint: the code deps (``kdpipe/...``) of the stage in the
-    dvc.yaml beside the running kdpipe package (a checkout; the same list ``kdpipe dag`` prints and
-    DVC re-runs the stage for); without one (an installed kdpipe, a copy of its sources, a stage
-    dvc.yaml does not list) every .py file of the package: any code change invalidates the checkpoint."""
+    project's dvc.yaml (the working directory: the same list ``kdpipe dag`` prints and DVC re-runs the
+    stage for). Without them (a teacher-only project, whose dvc.yaml names no code; no dvc.yaml; a stage it
+    does not list; a listed file that is not there) every .py file of the running package: any code change
+    invalidates the checkpoint."""
     import yaml
 
     try:
-        deps = yaml.safe_load((PACKAGE.parent / "dvc.yaml").read_text())["stages"][stage].get("deps") or []
+        deps = yaml.safe_load(Path("dvc.yaml").read_text())["stages"][stage].get("deps") or []
     except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError):
         deps = []
-    code = [PACKAGE.parent / d for d in map(str, deps) if d.startswith(f"{PACKAGE.name}/")]
-    return code or [PACKAGE]
+    code = [Path.cwd() / d for d in map(str, deps) if d.startswith(f"{PACKAGE.name}/")]
+    return code if code and all(f.exists() for f in code) else [PACKAGE]
 
 
 def code_digests(files) -> dict[str, str]:

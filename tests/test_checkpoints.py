@@ -98,8 +98,9 @@ def killed_after_first_checkpoint(monkeypatch):
     return lambda: monkeypatch.setattr(Resume, "save", save)
 
 
-def test_code_files_are_the_stage_deps_kdpipe_dag_lists():
-    """The fingerprinted code is the kdpipe/ deps of the stage in dvc.yaml (what `kdpipe dag` prints)."""
+def test_code_files_are_the_stage_deps_kdpipe_dag_lists(monkeypatch, tmp_path):
+    """The fingerprinted code is the kdpipe/ deps of the stage in the project's dvc.yaml (what `kdpipe dag`
+    prints); a project whose dvc.yaml names no code (a teacher-only one) fingerprints the whole package."""
     import yaml
 
     from conftest import ROOT
@@ -107,11 +108,18 @@ def test_code_files_are_the_stage_deps_kdpipe_dag_lists():
     from kdpipe.config import Config
     from kdpipe.resume import code_files
 
+    monkeypatch.chdir(ROOT)
     stages = yaml.safe_load(dag.render(Config(), (ROOT / "dvc.yaml").read_text()))["stages"]
     for stage in ("train-teacher", "baseline", "synthesize", "distill"):
         want = [ROOT / d for d in stages[stage]["deps"] if d.startswith("kdpipe/")]
         assert code_files(stage) == want, stage
     assert ROOT / "kdpipe/routes.py" in code_files("distill") and ROOT / "kdpipe/losses.py" in code_files("distill")
+    from kdpipe.resume import PACKAGE
+
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml here; then one that lists no code
+    assert code_files("distill") == [PACKAGE]
+    (tmp_path / "dvc.yaml").write_text("stages:\n  distill:\n    cmd: kdpipe distill\n    deps: [data/synthetic]\n")
+    assert code_files("distill") == [PACKAGE]
 
 
 def test_distill_resume_refuses_a_stale_checkpoint_after_a_routes_change(tmp_path, monkeypatch, capsys):
@@ -128,6 +136,11 @@ def test_distill_resume_refuses_a_stale_checkpoint_after_a_routes_change(tmp_pat
     from kdpipe.tracking import Tracker
     from test_ddp import distill_project
 
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    real = resume.code_files("distill")  # the checkout's dvc.yaml: distill's code deps
+    assert any(f.name == "routes.py" for f in real)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.chdir(tmp_path)
@@ -139,7 +152,6 @@ def test_distill_resume_refuses_a_stale_checkpoint_after_a_routes_change(tmp_pat
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         routes = tmp_path / "code" / "routes.py"  # stands for kdpipe/routes.py in the fingerprint
         routes.parent.mkdir()
-        real = resume.code_files("distill")
         shutil.copy(resume.PACKAGE / "routes.py", routes)
         monkeypatch.setattr(resume, "code_files", lambda stage: [routes if f.name == "routes.py" else f for f in real])
         ckpt, out = tmp_path / "data/.resume/distill.pt", tmp_path / "data/student/model.pt"

@@ -108,10 +108,7 @@ class ReplayBuffer:
         self.age[slots] = torch.arange(self.clock, self.clock + n, device=self.x.device)
         self.clock += n
 
-    def sample(self, n: int, alpha: float, beta: float, generator=None, prioritized: bool = True, norm: str = "max"):
-        if not prioritized:
-            idx = torch.randint(self.size, (n,), generator=generator).to(self.x.device)
-            return idx, torch.ones(n, device=self.x.device)
+    def sample(self, n: int, alpha: float, beta: float, generator=None, norm: str = "max"):
         return prioritized_sample(self.priority[: self.size], n, alpha, beta, generator, norm)
 
     def update_priority(self, idx: torch.Tensor, kl: torch.Tensor) -> None:
