@@ -53,7 +53,7 @@ SCRATCH = {"data/.resume": "resume.dir", "data/external": "data.root"}
 # Names the docs use that are not in a fresh clone: made by `make`/a run/DVC/MLflow, or the user's own files in
 # the examples. A path matches an entry equal to it or a folder above it.
 NOT_IN_REPO = {
-    ".venv", "mlflow.db", "mlartifacts", "dvc.lock", "dvc_plots",  # made by make install / a run / dvc plots show
+    ".venv", "mlflow.db", "mlartifacts", "dvc.lock", "dvc_plots", ".dvc/cache", ".dvc/tmp",  # made by make install / a run / dvc
     "student_pytorch",  # an MLflow artifact folder of the registered model
     "kdpipe-pipeline/kdpipe-scheduled",  # a Prefect deployment (flow/deployment)
     "my-project", "keras_teacher.onnx", "my_teacher.pt", "classes.txt", "owner_images", "activation_stats.pt",
