@@ -79,10 +79,11 @@ def inputs(x: torch.Tensor, speed: SpeedCfg, device: torch.device) -> torch.Tens
 
 
 def sgd(params, lr: float, momentum: float, weight_decay: float, speed: SpeedCfg,
-        device: torch.device) -> torch.optim.Optimizer:
-    """SGD (Nesterov when momentum > 0); the fused kernel on CUDA when ``speed.fused``."""
+        device: torch.device, nesterov: bool = True) -> torch.optim.Optimizer:
+    """SGD (Nesterov when ``nesterov`` and momentum > 0); the fused kernel on CUDA when ``speed.fused``."""
     fused = {"fused": True} if speed.fused and device.type == "cuda" else {}
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0, **fused)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov and momentum > 0, **fused)
 
 
 def adam(params, lr: float, betas: tuple[float, float], speed: SpeedCfg, device: torch.device) -> torch.optim.Optimizer:

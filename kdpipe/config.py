@@ -38,8 +38,11 @@ class TrainCfg(_Section):
     epochs: int = Field(20, ge=1)  # passes over the train split
     batch_size: int = Field(64, ge=1)  # global batch (all ranks together under torchrun)
     lr: float = Field(0.05, gt=0)  # peak SGD learning rate (OneCycle)
-    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum (Nesterov)
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum (when momentum > 0)
     weight_decay: float = Field(5e-4, ge=0)  # SGD weight decay
+    pct_start: float = Field(0.15, gt=0, lt=1)  # OneCycle: the fraction of the steps spent warming up to lr
+    shift: float = Field(0.125, ge=0, lt=0.5)  # augmentation: random shifts up to ±shift of the image size
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
 
 
@@ -126,7 +129,8 @@ class SynthesizeCfg(_Section):
     temperature: float = Field(4.0, gt=0)  # proxy student's KD temperature
     adam_beta1: float = Field(0.5, ge=0, lt=1)  # Adam β₁ of the generator and the latent codes (Fast: 0.5)
     adam_beta2: float = Field(0.999, ge=0, lt=1)  # Adam β₂ of the generator and the latent codes (Fast: 0.999)
-    kd_momentum: float = Field(0.9, ge=0, lt=1)  # proxy student's SGD momentum (Nesterov when > 0)
+    kd_momentum: float = Field(0.9, ge=0, lt=1)  # proxy student's SGD momentum
+    kd_nesterov: bool = True  # proxy student's Nesterov momentum (when kd_momentum > 0)
     kd_weight_decay: float = Field(5e-4, ge=0)  # proxy student's SGD weight decay
     kd_batch_cap: int = Field(4, ge=1)  # proxy student's KD batch: min(batch_size, kd_batch_cap × samples in the buffer)
     priority_eps: float = Field(1e-3, gt=0)  # prioritized replay: ε in the priority p_i = KL_i + ε
@@ -156,13 +160,16 @@ class DistillCfg(_Section):
     epochs: int = Field(10, ge=1)  # from the proxy student (init: synthesis); 40 from scratch (docs/benchmarks.md)
     batch_size: int = Field(128, ge=1)  # global batch
     lr: float = Field(0.05, gt=0)  # peak SGD learning rate (OneCycle)
-    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum (Nesterov)
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum (when momentum > 0)
     weight_decay: float = Field(5e-4, ge=0)  # SGD weight decay
+    pct_start: float = Field(0.15, gt=0, lt=1)  # OneCycle: the fraction of the steps spent warming up to lr
     temperature: float = Field(4.0, gt=0)  # KD temperature T (T² scales the loss)
     alpha: float = Field(1.0, ge=0, le=1)  # weight of KD; (1-alpha) on CE to the teacher's argmax
     priority: bool = False  # draw batches by prioritized replay δ over the synthetic set (off: docs/benchmarks.md)
     phi: bool = False  # weight per-sample KD by the modulating function φ (off: see docs/benchmarks.md)
     augment: bool = False  # random shifts of the synthetic images, re-labelled by the frozen teacher
+    augment_shift: float = Field(0.125, gt=0, lt=0.5)  # with augment: shifts up to ±augment_shift of the image size
     temperature_schedule: ScheduleCfg = ScheduleCfg()  # T over the steps (kdpipe/schedules.py); constant: temperature
     alpha_schedule: AlphaScheduleCfg = AlphaScheduleCfg()  # α over the steps; constant: alpha
     ce_weight: float | None = Field(None, ge=0)  # γ on CE; None: 1 − α (Hinton)

@@ -76,10 +76,11 @@ def fit_supervised(model: nn.Module, x, y, xv, yv, cfg: TrainCfg, tracker, desc:
     speed = speed or SpeedCfg()
     device = next(model.parameters()).device
     net = accel.train_module(model, speed, device)
-    opt = accel.sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, speed, device)
+    opt = accel.sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, speed, device, cfg.nesterov)
     batches = accel.global_batches(len(x), cfg.batch_size)
     steps_per_epoch = len(batches)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=cfg.pct_start)
     state = resume.load(tracker, generator) if resume else None
     if state:
         model.load_state_dict(state["model"])
@@ -90,7 +91,7 @@ def fit_supervised(model: nn.Module, x, y, xv, yv, cfg: TrainCfg, tracker, desc:
     for epoch in bar:
         net.train()
         perm = torch.randperm(len(x), generator=generator)
-        shifts = random_translations(len(x), generator=generator).to(device)  # = one draw per step, in order
+        shifts = random_translations(len(x), cfg.shift, generator=generator).to(device)  # = one draw per step, in order
         sums = torch.zeros(steps_per_epoch, device=device)  # Σ loss over each step's samples (this rank's)
         data = accel.epoch_batches(x, y, perm, cfg.batch_size, device, speed.workers)
         for j, (b, (xb, yb)) in enumerate(zip(batches, data)):

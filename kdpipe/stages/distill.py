@@ -84,11 +84,11 @@ def write_outputs(student, spec, history, agree_key, tracker) -> None:
             for h in history))
 
 
-def epoch_shifts(data: Batches, g: torch.Generator, device) -> list[torch.Tensor]:
+def epoch_shifts(data: Batches, g: torch.Generator, device, max_frac: float) -> list[torch.Tensor]:
     """The random translations of an epoch's global batches, drawn at once (the same numbers as one
     draw per step, in order) and copied to the device once, not per step."""
     sizes = data.step_sizes()
-    return list(random_translations(sum(sizes), generator=g).to(device).split(sizes))
+    return list(random_translations(sum(sizes), max_frac, generator=g).to(device).split(sizes))
 
 
 def check_steps(rows: torch.Tensor, first_step: int, epoch: int) -> None:
@@ -140,13 +140,13 @@ def run(cfg: Config, tracker) -> dict:
     live = d.augment or hints is not None  # the teacher runs on each batch
     adapters0 = [p.detach().clone() for p in hints.parameters()] if hints else []
     params = (nn.ModuleList([student, hints]) if hints else student).parameters()
-    opt = accel.sgd(params, d.lr, d.momentum, d.weight_decay, speed, device)
+    opt = accel.sgd(params, d.lr, d.momentum, d.weight_decay, speed, device, d.nesterov)
     batches = Batches(pools, d.priority, s.alpha, s.iw_norm)
     total = d.epochs * batches.steps
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=d.lr, total_steps=total, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=d.lr, total_steps=total, pct_start=d.pct_start)
     # fine-tune phase: hard labels on the real pool when there is one, else on the synthetic set
     ft_batches = Batches([dataclasses.replace(pools[-1], batch=d.batch_size)])
-    ft_opt = accel.sgd(student.parameters(), d.finetune_lr, d.momentum, d.weight_decay, speed, device)
+    ft_opt = accel.sgd(student.parameters(), d.finetune_lr, d.momentum, d.weight_decay, speed, device, d.nesterov)
     ft_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ft_opt, max(d.finetune_epochs * ft_batches.steps, 1))
     class_freq = torch.softmax(guide_logits(pools[0].t, tw), 1).mean(0)
     agree_key, agree_labels = f"{pools[0].kind}_agreement", hard_labels(None, pools[0].t, tw)
@@ -170,7 +170,7 @@ def run(cfg: Config, tracker) -> dict:
         per_step_check = d.priority and not finetune  # the sampler syncs each step anyway
         net.train()
         data.new_epoch(g)
-        shifts = epoch_shifts(data, g, device) if d.augment and not data.priority else None
+        shifts = epoch_shifts(data, g, device, d.augment_shift) if d.augment and not data.priority else None
         run_loss, feat_loss = torch.zeros((), device=device), torch.zeros((), device=device)
         rows, first = torch.zeros(data.steps, len(TERMS), device=device), step  # per step: TERMS (this rank's share)
         for i in range(data.steps):
@@ -178,7 +178,7 @@ def run(cfg: Config, tracker) -> dict:
             n, sh = len(b.x), dist.shard(len(b.x))  # ... and this rank's rows of it
             xb, tb, y = b.x[sh], b.t[:, sh], b.y[sh] if b.y is not None else None
             if d.augment:  # the global batch's translations, this rank's rows
-                xb = shift_by(xb, (shifts[i] if shifts else random_translations(n, generator=g))[sh])
+                xb = shift_by(xb, (shifts[i] if shifts else random_translations(n, d.augment_shift, generator=g))[sh])
             T = value(d.temperature_schedule, step, total, d.temperature)
             alpha = value(d.alpha_schedule, step, total, d.alpha)
             with accel.autocast(speed, device):

@@ -53,7 +53,8 @@ class Synthesizer:
         for m in (teacher, student, self.gen):
             accel.frozen_module(m, speed, device)  # the memory format (channels_last on CUDA), in place
         self.opt_g = accel.adam(self.gen.parameters(), s.lr_g, (s.adam_beta1, s.adam_beta2), speed, device)
-        self.opt_s = accel.sgd(student.parameters(), s.kd_lr, s.kd_momentum, s.kd_weight_decay, speed, device)
+        self.opt_s = accel.sgd(student.parameters(), s.kd_lr, s.kd_momentum, s.kd_weight_decay, speed, device,
+                               s.kd_nesterov)
         self.bn = BNPrior(teacher, s.bn_momentum, stats)
         self.feats: dict = {}  # the teacher's penultimate features, for the DAFL activation term
         self.feat_hook = penultimate(teacher).register_forward_hook(
