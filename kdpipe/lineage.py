@@ -19,11 +19,9 @@ teacher run (no synthetic set).
 """
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import re
-import tempfile
 import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
@@ -333,14 +331,6 @@ def _verbose_step(s: dict) -> list[str]:
 
 # --- --verify: re-hash what the chain names -------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _dir_changes(path: Path, recorded: str) -> str:
     """Which files of a DVC folder output differ from its recorded listing (the .dir object in DVC's cache)."""
     from kdpipe.utils import dvc_md5
@@ -357,24 +347,19 @@ def _dir_changes(path: Path, recorded: str) -> str:
 def verify(client, res: dict) -> list[dict]:
     """Re-hash the registered model (downloaded from the registry) and, in this working copy, every artifact
     the chain names: DVC outputs against their dvc.lock md5, other files against their sha256 tags."""
-    from kdpipe.utils import dvc_md5
+    from kdpipe.utils import dvc_md5, sha256_file
 
     checks = []
     m = res["model"]
     if m:
-        import os
+        from kdpipe.tracking import served_sha256
 
-        import mlflow
-
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        with tempfile.TemporaryDirectory() as tmp:
-            uri = f"models:/{m['name']}/{m['version']}"
-            local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp, tracking_uri=client.tracking_uri))
-            got = _sha256(local / "model.onnx") if (local / "model.onnx").exists() else None
-            ok = got is not None and got == m["onnx_sha256"]
-            checks.append({"artifact": "registered model", "path": f"{uri} model.onnx", "ok": ok, "recorded":
-                           m["onnx_sha256"], "found": got,
-                           "detail": "sha256 matches" if ok else f"sha256 {_short(got)} != recorded {_short(m['onnx_sha256'])}"})
+        uri = f"models:/{m['name']}/{m['version']}"
+        got = served_sha256(m["name"], m["version"], client.tracking_uri)
+        ok = got is not None and got == m["onnx_sha256"]
+        checks.append({"artifact": "registered model", "path": f"{uri} model.onnx", "ok": ok, "recorded":
+                       m["onnx_sha256"], "found": got,
+                       "detail": "sha256 matches" if ok else f"sha256 {_short(got)} != recorded {_short(m['onnx_sha256'])}"})
     wanted = {}  # path -> (kind, recorded): DVC outputs first, then sha256 tags of files no DVC output holds
     for s in res["chain"]:
         for key, recorded in s["hashes"].items():
@@ -394,7 +379,7 @@ def verify(client, res: dict) -> list[dict]:
             checks.append({"artifact": name, "path": path.as_posix(), "ok": False, "recorded": recorded,
                            "found": None, "detail": "missing in this working copy (dvc pull / dvc checkout)"})
             continue
-        got = dvc_md5(path) if kind == "dvc md5" else _sha256(path)
+        got = dvc_md5(path) if kind == "dvc md5" else sha256_file(path)
         ok = got == recorded
         detail = f"{kind} matches" if ok else f"{kind} {_short(got)} != recorded {_short(recorded)}" + (
             _dir_changes(path, recorded) if path.is_dir() else "")

@@ -203,8 +203,9 @@ def pipeline_run(cfg: Config, name: str = "pipeline", tags: dict | None = None):
                 os.environ[PARENT_ENV] = old
 
 
-def served_sha256(name: str, version: str) -> str:
-    """sha256 of the model.onnx the registry serves for ``name/version`` (downloaded, then hashed)."""
+def served_sha256(name: str, version: str, uri: str | None = None) -> str | None:
+    """sha256 of the model.onnx the registry (at ``uri``, default the current one) serves for ``name/version``
+    (downloaded, then hashed); None when the version serves no model.onnx."""
     import tempfile
 
     import mlflow
@@ -213,7 +214,8 @@ def served_sha256(name: str, version: str) -> str:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:
-        return sha256_file(Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)) / "model.onnx")
+        f = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp, tracking_uri=uri)) / "model.onnx"
+        return sha256_file(f) if f.exists() else None
 
 
 def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metrics: dict,
