@@ -51,7 +51,7 @@ RUN dvc config --local core.no_scm true \
  && mkdir -p data .dvc/cache mlartifacts
 
 # The commit the image was built from (no fake `git init` commit): an OCI label, and the environment that
-# kdpipe's lineage (kdpipe/tracking.py git_state) records as git.commit/git.dirty when there is no repository.
+# kdpipe's lineage (kdpipe/provenance.py git_state) records as git.commit/git.dirty when there is no repository.
 # Last, so a new commit does not invalidate the layers above.
 ARG GIT_COMMIT=""
 ARG GIT_DIRTY=""

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 from bench._info import run_info, write_result  # noqa: E402
 
 SAMPLERS = {"uniform": ["distill.priority=false"],
-            "per-max": ["distill.priority=true", "synthesize.iw_norm=max"],
-            "per-mean": ["distill.priority=true", "synthesize.iw_norm=mean"]}
+            "per-max": ["distill.priority=true", "replay.iw_norm=max"],
+            "per-mean": ["distill.priority=true", "replay.iw_norm=mean"]}
 
 
 def table(rows: list[dict]) -> str:

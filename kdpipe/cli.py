@@ -86,8 +86,8 @@ STAGE_HELP = {
     "prepare": "real data -> data/prepared/ (seeded, stratified splits); keys: data, seed",
     "train-teacher": "data/prepared/ -> data/teacher/ (trains the teacher, or checks teacher.checkpoint); keys: teacher",
     "baseline": "data/prepared/ -> data/baseline/ (the student's architecture on real data); keys: baseline, student",
-    "synthesize": "the teacher only (data/teacher/ or the card's file) -> data/synthetic/ (data-free); keys: synthesize",
-    "distill": "data/synthetic/ + the teacher -> data/student/; keys: distill (distill.data real|mixed reads data/prepared/)",
+    "synthesize": "the teacher only (data/teacher/ or the card's file) -> data/synthetic/ (data-free); keys: synthesize, replay, phi",
+    "distill": "data/synthetic/ + the teacher -> data/student/; keys: distill, replay, phi (distill.data real|mixed reads data/prepared/)",
     "evaluate": "models + the real test split -> data/reports/ (accuracy); without real data: fidelity on a held-out "
                 "synthetic set; keys: evaluate",
     "export": "data/student/ -> data/export/student.onnx (+ INT8), checked with onnxruntime, registered in MLflow; keys: export",

@@ -2,7 +2,8 @@
 
 Loading order: the YAML file (``params.yaml`` by default), then ``--set key=value`` overrides.
 Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key,
-before any work is done (the CLI turns it into exit code 2).
+before any work is done (the CLI turns it into exit code 2); a key that moved (``MOVED``, e.g.
+``synthesize.alpha`` -> ``replay.alpha``) fails the same way, naming its new home.
 """
 from __future__ import annotations
 
@@ -110,19 +111,14 @@ class SynthesizeCfg(_Section):
     stats: str | None = None
     bn_momentum: float = Field(0.9, ge=0, lt=1)  # Fast: batch stats mixed with momentum
     # SSD-KD parts
-    phi: bool = False  # modulating function φ on the generator's adversarial term (off: see docs/benchmarks.md)
+    phi: bool = False  # modulating function φ (section phi) on the generator's adversarial term (off: see docs/benchmarks.md)
     phi_ce: bool = False  # ... and on the generator's CE term (the note's choice; pushes samples to high confidence)
-    phi_gamma: float = Field(2.0, ge=0)  # focusing exponent γ of φ
-    phi_clip: float = Field(5.0, gt=1)  # φ's upper clip
     eviction: Literal["balanced", "fifo"] = "balanced"  # buffer: oldest of the largest class, or oldest
     # what the stage writes: the replay buffer as it ends (the last rounds' samples), or a uniform reservoir sample
     # of every round's samples (Algorithm R, kdpipe/synth/replay.py); the buffer feeds the proxy student either way
     keep: Literal["buffer", "reservoir"] = "buffer"
     balanced_targets: bool = False  # draw target classes inversely to the buffer histogram
-    priority: bool = False  # prioritized replay δ for the proxy student (off: see docs/benchmarks.md)
-    alpha: float = Field(0.6, ge=0)  # prioritized replay: priority exponent α
-    beta0: float = Field(0.4, ge=0, le=1)  # prioritized replay: importance-weight exponent β at the start (annealed to 1)
-    iw_norm: Literal["max", "mean"] = "mean"  # importance weights / their batch mean (the loss keeps its scale) or max (Schaul et al.)
+    priority: bool = False  # prioritized replay δ (section replay) for the proxy student (off: see docs/benchmarks.md)
     meta: bool = False  # Reptile-style meta update of the generator (Fast's fast/meta warm start)
     meta_lr: float = Field(0.5, gt=0, le=1)  # Reptile step η of the meta update
     kd_lr: float = Field(0.05, gt=0)  # proxy student's SGD learning rate
@@ -133,7 +129,29 @@ class SynthesizeCfg(_Section):
     kd_nesterov: bool = True  # proxy student's Nesterov momentum (when kd_momentum > 0)
     kd_weight_decay: float = Field(5e-4, ge=0)  # proxy student's SGD weight decay
     kd_batch_cap: int = Field(4, ge=1)  # proxy student's KD batch: min(batch_size, kd_batch_cap × samples in the buffer)
-    priority_eps: float = Field(1e-3, gt=0)  # prioritized replay: ε in the priority p_i = KL_i + ε
+
+
+class ReplayCfg(_Section):
+    """Prioritized replay δ (kdpipe/synth/replay.py), one setting for both users: synthesize's proxy student
+    (synthesize.priority) and distill (distill.priority)."""
+
+    alpha: float = Field(0.6, ge=0)  # prioritized replay: priority exponent α
+    beta0: float = Field(0.4, ge=0, le=1)  # prioritized replay: importance-weight exponent β at the start (annealed to 1)
+    iw_norm: Literal["max", "mean"] = "mean"  # importance weights / their batch mean (the loss keeps its scale) or max (Schaul et al.)
+    eps: float = Field(1e-3, gt=0)  # prioritized replay: ε in the priority p_i = KL_i + ε
+
+
+class PhiCfg(_Section):
+    """SSD-KD's modulating function φ (kdpipe/synth/phi.py), one setting for both users: synthesize's generator
+    and proxy student (synthesize.phi, synthesize.phi_ce) and distill (distill.phi)."""
+
+    gamma: float = Field(2.0, ge=0)  # focusing exponent γ of φ
+    clip: float = Field(5.0, gt=1)  # φ's upper clip
+
+
+# keys that moved to a section of their own: an old key fails naming its new home (before any work)
+MOVED = {"synthesize.alpha": "replay.alpha", "synthesize.beta0": "replay.beta0", "synthesize.iw_norm": "replay.iw_norm",
+         "synthesize.priority_eps": "replay.eps", "synthesize.phi_gamma": "phi.gamma", "synthesize.phi_clip": "phi.clip"}
 
 
 class ScheduleCfg(_Section):
@@ -170,6 +188,9 @@ class DistillCfg(_Section):
     phi: bool = False  # weight per-sample KD by the modulating function φ (off: see docs/benchmarks.md)
     augment: bool = False  # random shifts of the synthetic images, re-labelled by the frozen teacher
     augment_shift: float = Field(0.125, gt=0, lt=0.5)  # with augment: shifts up to ±augment_shift of the image size
+    # mixup of the batch's images, x = λ·x_i + (1 − λ)·x_j, λ ~ Beta(mixup, mixup), re-labelled by the frozen teacher
+    # (function matching, Beyer et al. 2022); 0: off
+    mixup: float = Field(0.0, ge=0)
     temperature_schedule: ScheduleCfg = ScheduleCfg()  # T over the steps (kdpipe/schedules.py); constant: temperature
     alpha_schedule: AlphaScheduleCfg = AlphaScheduleCfg()  # α over the steps; constant: alpha
     ce_weight: float | None = Field(None, ge=0)  # γ on CE; None: 1 − α (Hinton)
@@ -289,6 +310,8 @@ class Config(_Section):
     teachers: list[TeacherRefCfg] = []  # empty: the one teacher of data/teacher; else the ensemble, this list
     baseline: BaselineCfg = BaselineCfg()
     synthesize: SynthesizeCfg = SynthesizeCfg()
+    replay: ReplayCfg = ReplayCfg()  # prioritized replay δ (synthesize.priority, distill.priority)
+    phi: PhiCfg = PhiCfg()  # the modulating function φ (synthesize.phi, synthesize.phi_ce, distill.phi)
     distill: DistillCfg = DistillCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     export: ExportCfg = ExportCfg()
@@ -321,7 +344,9 @@ def _fmt_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and key in MOVED:
+            lines.append(f"{key} moved to {MOVED[key]}: set '{MOVED[key]}' instead of '{key}'")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'" + did_you_mean(key, [r[0] for r in describe()]))
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a section's validator: its message names the keys
             lines.append(e["msg"].removeprefix("Value error, ") if key == "<root>" else f"{key}: {e['msg'].removeprefix('Value error, ')}")

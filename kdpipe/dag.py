@@ -11,7 +11,9 @@ data dependencies of the stages that follow the config into dvc.yaml:
   per-class and confusion plots follow data.name (real test split, or held-out synthetic without real
   data), the distill agreement plot follows distill.data (synthetic_agreement, or real_agreement).
 Only the data deps (every dep not under kdpipe/) of these stages and kdpipe's own plot entries are
-rewritten; code deps, params, outs, other plots, the other stages and the comments stay as written
+rewritten, and the sections synthesize and distill share (SHARED: replay, phi) are added to their params
+(a moved key, config.MOVED such as synthesize.alpha, is dropped); code deps, other params, outs, other
+plots, the other stages and the comments stay as written
 (ruamel.yaml round trip). ``--write`` also writes kdpipe's custom DVC plot templates (TEMPLATES) into
 .dvc/plots/ when they are missing or differ (DVC reads custom templates from there).
 tests/test_plots.py renders the plots with the real `dvc plots show --json`. ``kdpipe run``
@@ -25,10 +27,12 @@ import io
 from pathlib import Path
 
 from kdpipe import paths
-from kdpipe.config import Config, ConfigError
+from kdpipe.config import MOVED, Config, ConfigError
 
 RENDERED = ("synthesize", "distill")  # the stages whose data deps follow distill.data and teachers
 HISTORY = str(paths.STUDENT / "history.csv")
+# the sections a stage reads beyond its own, whatever the config: whole sections, so that any key of them re-runs it
+SHARED = {"synthesize": ["replay", "phi"], "distill": ["replay", "phi"]}
 # params a stage reads beyond its own section when the teacher is a card (teacher.source) / there is no real data
 CARD_PARAMS = {"synthesize": ["teacher"], "distill": ["teacher", "synthesize"],
                "evaluate": ["seed", "teacher", "synthesize", "evaluate"], "export": ["teacher", "synthesize", "evaluate"]}
@@ -168,8 +172,8 @@ def data_deps(cfg: Config, stage: str) -> list[str]:
 def stage_entry(cfg: Config, stage: str) -> dict:
     """A stage of a project made by ``kdpipe init`` (no code deps: the code is the installed kdpipe, whose
     version MLflow records): command, data deps, params, outs."""
-    params = {"synthesize": ["seed", "device", "speed", "synthesize", "student.arch", "teachers"],
-              "distill": ["seed", "device", "speed", "distill", "student.arch", "teachers"],
+    params = {"synthesize": ["seed", "device", "speed", "synthesize", *SHARED["synthesize"], "student.arch", "teachers"],
+              "distill": ["seed", "device", "speed", "distill", *SHARED["distill"], "student.arch", "teachers"],
               "evaluate": [], "export": ["seed", "export", "tracking.registered_model", "tracking.alias"]}[stage]
     params += [p for p in CARD_PARAMS[stage] if p not in params]
     entry = {"cmd": f"kdpipe {stage}", "deps": data_deps(cfg, stage), "params": params}
@@ -223,6 +227,11 @@ def render(cfg: Config, text: str) -> str:
         want = data_deps(cfg, stage)
         if [d for d in deps if not str(d).startswith("kdpipe/")] != want:  # untouched when right (keeps comments)
             deps[:] = want + code
+        if stage in SHARED:  # the shared sections, whole; a key that moved into one of them would be missing for DVC
+            params = entry.setdefault("params", [])
+            for i in reversed([i for i, p in enumerate(params) if str(p) in MOVED]):
+                del params[i]
+            params.extend(p for p in SHARED[stage] if p not in params)
         if card and stage in CARD_PARAMS:
             params = entry.setdefault("params", [])
             params.extend(p for p in CARD_PARAMS[stage] if p not in params)
@@ -243,7 +252,7 @@ def check(cfg: Config, path: str | Path = "dvc.yaml") -> None:
     text = Path(path).read_text()
     if yaml.safe_load(render(cfg, text)) != yaml.safe_load(text):  # the entries, not their formatting
         want = {s: data_deps(cfg, s) for s in RENDERED}
-        raise ConfigError(f"{path} (data deps or plots) is out of date for these parameters (data.name={cfg.data.name}, "
+        raise ConfigError(f"{path} (data deps, params or plots) is out of date for these parameters (data.name={cfg.data.name}, "
                           f"teacher.source={cfg.teacher.source}, distill.data={cfg.distill.data}, "
                           f"{len(cfg.teachers)} teachers; data deps needed: {want}): run 'kdpipe dag --write' "
                           f"with the same parameters, then commit dvc.yaml")

@@ -3,7 +3,8 @@
     kdpipe lineage kdpipe-student | kdpipe-student/3 | kdpipe-student@candidate | <run-id>
                    [--verbose] [--json] [--verify] [--html FILE]
 
-The chain, each link read from MLflow (tags written by the stages, see kdpipe/tracking.py):
+The chain, each link read from MLflow (tags written by the stages, see kdpipe/tracking.py,
+kdpipe/provenance.py and kdpipe/registry.py):
   model version → its export run → distill run (same ``student.sha256``) → synthetic data version
   (distill's dataset input, digest = DVC md5 of data/synthetic) → synthesize run (same
   ``synthetic.sha256``) → teacher run (same ``teacher.sha256``; a teacher card ends the chain at its
@@ -352,7 +353,7 @@ def verify(client, res: dict) -> list[dict]:
     checks = []
     m = res["model"]
     if m:
-        from kdpipe.tracking import served_sha256
+        from kdpipe.registry import served_sha256
 
         uri = f"models:/{m['name']}/{m['version']}"
         got = served_sha256(m["name"], m["version"], client.tracking_uri)

@@ -45,8 +45,9 @@ from typing import Callable
 
 from kdpipe import paths
 from kdpipe.config import Config, ConfigError, load_config
+from kdpipe.provenance import tag_dvc_lock
 from kdpipe.stages import FAILURE_FILE_ENV, failure_kind, read_failure, run_stage, stages_for
-from kdpipe.tracking import check_tracking, pipeline_run, tag_dvc_lock
+from kdpipe.tracking import check_tracking, pipeline_run
 
 RETRIES = 2  # a stage is tried at most 1 + RETRIES times, on transient faults only
 # the retry delays: 5 s, then 10 s (KDPIPE_RETRY_BACKOFF_S: another base, read at import)

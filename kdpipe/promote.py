@@ -75,7 +75,8 @@ def promote(cfg: Config, ref: str | None, uri: str) -> int:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from kdpipe.tracking import _setup, check_tracking, git_state
+    from kdpipe.provenance import git_state
+    from kdpipe.tracking import check_tracking, setup_mlflow
 
     gate, alias = cfg.promote, cfg.promote.alias
     limits = {k: getattr(gate, k) for k in THRESHOLDS if getattr(gate, k) is not None}
@@ -132,7 +133,7 @@ def promote(cfg: Config, ref: str | None, uri: str) -> int:
     decision = "promoted" if ok else "refused"
 
     # 4. the record: one run per decision (history) ...
-    mlflow = _setup(cfg)  # the experiment (created like the stages create it)
+    mlflow = setup_mlflow(cfg)  # the experiment (created like the stages create it)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     run = client.create_run(exp, run_name="promote", tags={
         "kdpipe.stage": "promote", "kdpipe.params_sha256": cfg.digest(), **git_state(), "promotion.model": mv.name,

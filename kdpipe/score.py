@@ -133,9 +133,10 @@ def _log(cfg: Config, res: dict) -> dict:
         return {}
     import mlflow
 
-    from kdpipe.tracking import _setup, git_state
+    from kdpipe.provenance import git_state
+    from kdpipe.tracking import setup_mlflow
 
-    _setup(cfg)
+    setup_mlflow(cfg)
     client = mlflow.MlflowClient()
     mv = _link(client, cfg, res["student_sha256"])
     link = f"{mv.name}/{mv.version}" if mv else None

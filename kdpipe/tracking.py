@@ -9,17 +9,17 @@ found again by each stage through the ``kdpipe.invocation`` tag. Default trackin
 Lineage (read back by ``kdpipe lineage``): every stage run is tagged with the git commit, the params
 hash and, once DVC has written them, its dvc.lock hashes (``dvc.deps.<path>``, ``dvc.outs.<path>``);
 data enters runs only through ``mlflow.log_input`` with a ``kdpipe.data_kind`` tag (real or
-synthetic); model files are linked by sha256 tags (``teacher.sha256``, ``student.sha256``)."""
+synthetic); model files are linked by sha256 tags (``teacher.sha256``, ``student.sha256``).
+
+Git state, dvc detection and the dvc.lock tags: kdpipe.provenance; the model registry: kdpipe.registry."""
 from __future__ import annotations
 
 import os
-import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
-
 from kdpipe.config import Config
+from kdpipe.provenance import dvc_invocation, git_state, tag_dvc_lock
 
 PARENT_ENV = "KDPIPE_PARENT_RUN_ID"
 PREFECT_ENV = "KDPIPE_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow; tags every stage run
@@ -29,19 +29,7 @@ def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def git_state() -> dict:
-    def git(*args):
-        r = subprocess.run(["git", *args], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD")
-    if not commit:  # no repository (a container image built without .git): the commit it was built from, if given
-        dirty = os.environ.get("KDPIPE_GIT_DIRTY", "").lower() in ("true", "1")
-        return {"git.commit": os.environ.get("KDPIPE_GIT_COMMIT") or "none", "git.dirty": str(dirty)}
-    return {"git.commit": commit, "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
-
-
-def _setup(cfg: Config):
+def setup_mlflow(cfg: Config):
     import mlflow
 
     uri = tracking_uri(cfg)
@@ -101,22 +89,6 @@ class Tracker:
         self.mlflow.log_input(ds, context=context, tags={"kdpipe.data_kind": kind})
 
 
-def dvc_invocation() -> str | None:
-    """Under a bare ``dvc repro`` / ``dvc exp run``: "<pid>-<start time>" of that dvc process."""
-    import psutil
-
-    try:
-        p = psutil.Process().parent()
-        while p is not None:
-            cmd = p.cmdline()
-            if any(Path(c).name == "dvc" for c in cmd[:2]) and ("repro" in cmd or "exp" in cmd):
-                return f"{p.pid}-{p.create_time():.0f}"
-            p = p.parent()
-    except psutil.Error:
-        pass
-    return None
-
-
 def _bare_dvc_parent(mlflow, cfg: Config) -> str | None:
     """The parent run of this bare ``dvc repro`` (created by its first stage), or None."""
     key = dvc_invocation()
@@ -132,26 +104,6 @@ def _bare_dvc_parent(mlflow, cfg: Config) -> str | None:
     return client.create_run(exp, run_name="dvc-repro", tags=tags).info.run_id
 
 
-def tag_dvc_lock(parent_run_id: str, lock: str | Path = "dvc.lock") -> None:
-    """Tag each finished stage run under ``parent_run_id`` with its stage's dvc.lock hashes, as
-    ``dvc.deps.<path>`` / ``dvc.outs.<path>`` = md5. DVC writes a stage's lock entry when the stage
-    command has finished, so this runs after stages (next stage's start, end of the pipeline)."""
-    import mlflow
-
-    if not Path(lock).exists():
-        return
-    stages = (yaml.safe_load(Path(lock).read_text()) or {}).get("stages", {})
-    client = mlflow.MlflowClient()
-    parent = client.get_run(parent_run_id)
-    for r in client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'"):
-        entry = stages.get(r.data.tags.get("kdpipe.stage"))
-        if not entry or r.info.status != "FINISHED" or "dvc.tagged" in r.data.tags:
-            continue
-        tags = {f"dvc.{kind}.{d['path']}": d.get("md5", "") for kind in ("deps", "outs") for d in entry.get(kind, [])}
-        for k, v in {**tags, "dvc.tagged": "true"}.items():
-            client.set_tag(r.info.run_id, k, v)
-
-
 @contextmanager
 def stage_run(cfg: Config, stage: str):
     from kdpipe import dist
@@ -159,7 +111,7 @@ def stage_run(cfg: Config, stage: str):
     if not cfg.tracking.enabled or not dist.is_main():  # under torchrun rank 0 alone logs
         yield Tracker()
         return
-    mlflow = _setup(cfg)
+    mlflow = setup_mlflow(cfg)
     nested = mlflow.active_run() is not None  # in-process pipeline: the parent is this process's run
     parent = os.environ.get(PARENT_ENV) or None
     bare = _bare_dvc_parent(mlflow, cfg) if parent is None and not nested else None
@@ -188,7 +140,7 @@ def pipeline_run(cfg: Config, name: str = "pipeline", tags: dict | None = None):
     if not cfg.tracking.enabled:
         yield None
         return
-    mlflow = _setup(cfg)
+    mlflow = setup_mlflow(cfg)
     all_tags = {"kdpipe.stage": "pipeline", "kdpipe.params_sha256": cfg.digest(), **git_state(), **(tags or {})}
     with mlflow.start_run(run_name=name, tags=all_tags) as run:
         mlflow.log_params(_flat(cfg.model_dump(mode="json")))
@@ -201,62 +153,6 @@ def pipeline_run(cfg: Config, name: str = "pipeline", tags: dict | None = None):
                 os.environ.pop(PARENT_ENV, None)
             else:
                 os.environ[PARENT_ENV] = old
-
-
-def served_sha256(name: str, version: str, uri: str | None = None) -> str | None:
-    """sha256 of the model.onnx the registry (at ``uri``, default the current one) serves for ``name/version``
-    (downloaded, then hashed); None when the version serves no model.onnx."""
-    import tempfile
-
-    import mlflow
-
-    from kdpipe.utils import sha256_file
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory() as tmp:
-        f = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp, tracking_uri=uri)) / "model.onnx"
-        return sha256_file(f) if f.exists() else None
-
-
-def register_student(tracker: Tracker, cfg: Config, onnx_path, pytorch_dir, metrics: dict,
-                     signature=None, pytorch_model=None, example=None) -> str | None:
-    """Log the student (ONNX model + the PyTorch state_dict and spec) in the export run, register it
-    as ``tracking.registered_model`` and point ``tracking.alias`` at the new version, whose tags
-    carry the evaluation metrics. Returns the version."""
-    if not tracker.mlflow or not cfg.tracking.registered_model:
-        return None
-    import mlflow
-    import mlflow.onnx
-    import mlflow.pytorch
-    import onnx
-    import onnxruntime
-
-    name = cfg.tracking.registered_model
-    # the requirements are known: pinning them skips MLflow's inference (it imports the model in a subprocess, ~6 s)
-    reqs = [f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
-    # one file (no external weights), so the registry serves the bytes of data/export/student.onnx
-    info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="student", registered_model_name=name,
-                                 pip_requirements=reqs, save_as_external_data=False, signature=signature)
-    mlflow.log_artifacts(str(pytorch_dir), "student_pytorch")  # the state_dict + spec: torch.load(weights_only=True)
-    if pytorch_model is not None:  # the PyTorch flavour beside the ONNX one: torch.export's .pt2 (a traced graph, no
-        import torch                # pickle), loaded by mlflow.pytorch.load_model
-
-        mlflow.pytorch.log_model(pytorch_model.eval(), name="student_torch", input_example=example, signature=signature,
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, model_id=info.model_id)
-    client = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
-    served = served_sha256(name, version)  # the hash an auditor gets from the registry (kdpipe lineage --verify)
-    if served != metrics.get("onnx.sha256"):
-        print(f"[kdpipe] note: the registry's model.onnx (sha256 {served[:12]}) differs in bytes from {onnx_path}; "
-              "the version records the registry's hash", flush=True)
-    metrics = {**metrics, "onnx.sha256": served, "export.onnx.sha256": metrics.get("onnx.sha256")}
-    for k, v in {**metrics, "run_id": tracker.run_id}.items():
-        client.set_model_version_tag(name, version, k, str(v))
-    if cfg.tracking.alias:
-        client.set_registered_model_alias(name, cfg.tracking.alias, version)
-    tracker.set_tags({"registered_model": f"{name}/{version}"})
-    return version
 
 
 _REACHABLE: set[str] = set()  # URIs already checked in this process

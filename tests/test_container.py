@@ -104,7 +104,7 @@ def test_volumes_and_commit_from_build_arg():
     volumes = json.loads(next(a for i, a in ins if i == "VOLUME"))
     assert {"/app/data", "/app/mlartifacts"} <= set(volumes)
     env = " ".join(a for i, a in ins if i == "ENV")
-    # the sqlite MLflow store lies in a volume (its artifacts go to ./mlartifacts, kdpipe/tracking.py _setup)
+    # the sqlite MLflow store lies in a volume (its artifacts go to ./mlartifacts, kdpipe/tracking.py setup_mlflow)
     assert "MLFLOW_TRACKING_URI=sqlite:////app/mlartifacts/" in env
     assert "KDPIPE_GIT_COMMIT=" in env and "${GIT_COMMIT}" in env
     assert any(i == "ARG" and a.startswith("GIT_COMMIT") for i, a in ins)
@@ -232,7 +232,7 @@ def test_compose_config_validates():
 # --- the commit inside an image ----------------------------------------------------------------------------
 
 def _git_state_in(path: Path, monkeypatch) -> dict:
-    from kdpipe.tracking import git_state
+    from kdpipe.provenance import git_state
 
     monkeypatch.chdir(path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(path.parent))  # no repository above tmp_path counts

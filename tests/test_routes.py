@@ -339,3 +339,30 @@ def test_keep_reservoir_writes_a_uniform_sample_of_every_round(proj):
     with torch.no_grad():
         want = teacher(res["samples"]["x"].float() / 255)
     assert torch.allclose(res["samples"]["logits"], want, atol=1e-4)
+
+
+# ------------------------------------------------------------------ mixup (function matching)
+def test_mix_is_a_convex_pair_with_beta_weights():
+    """mix(x, a, g): row i = λ_i·x_i + (1 − λ_i)·x_π(i), λ_i ~ Beta(a, a): on one-hot rows λ_i is read back; its mean
+    is ½ and its variance 1 / (4(2a + 1)) (n = 4000: standard errors ~0.005 and ~0.002); the same g, the same mix."""
+    from kdpipe.stages.distill import mix
+
+    n = 4000
+    x = torch.eye(n).view(n, 1, 1, n)
+    for a in (0.2, 1.0):
+        out = mix(x, a, torch.Generator().manual_seed(0)).view(n, n)
+        assert torch.equal(out, mix(x, a, torch.Generator().manual_seed(0)).view(n, n))
+        assert torch.allclose(out.sum(1), torch.ones(n)) and (out >= 0).all() and ((out > 0).sum(1) <= 2).all()
+        lam = out.diagonal()[(out > 0).sum(1) == 2]  # rows whose partner is another row
+        assert lam.mean().item() == pytest.approx(0.5, abs=0.02)
+        assert lam.var().item() == pytest.approx(1 / (4 * (2 * a + 1)), abs=0.01)
+
+
+def test_distill_mixup_relabels_the_mixed_images_with_the_teacher(proj, base):
+    """With distill.mixup the teacher runs on each (mixed) batch: the run differs from the plain one, stays finite,
+    and logs the key."""
+    plain = distill("distill.init=scratch")
+    mixed = distill("distill.init=scratch", "distill.mixup=0.4")
+    assert math.isfinite(mixed["loss"]) and mixed["loss"] != plain["loss"]
+    _, run = last_run(base)
+    assert run.data.params["distill.mixup"] == "0.4"

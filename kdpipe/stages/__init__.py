@@ -40,7 +40,7 @@ def _check_dvc_deps(name: str, cfg: Config) -> None:
     from pathlib import Path
 
     from kdpipe import dag
-    from kdpipe.tracking import dvc_invocation
+    from kdpipe.provenance import dvc_invocation
 
     if name in dag.RENDERED and Path("dvc.yaml").exists() and dvc_invocation() is not None:
         dag.check(cfg)

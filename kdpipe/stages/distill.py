@@ -10,7 +10,10 @@ Per batch (kdpipe.losses.distill_loss):
   w_i: prioritized-replay importance weights, φ_i SSD-KD's modulating function (1 when off).
 Data (``distill.data``, kdpipe/routes.py): the synthetic set (default: data-free, never the real
 data), the real train split, or mixed batches. With ``augment`` the images are randomly shifted
-and the frozen teacher(s) label them again; so they do, on each batch, when hints are used.
+and the frozen teacher(s) label them again; so they do, on each batch, when hints are used. With
+``mixup`` = a the KD phase's global batch is mixed first, x_i ← λ_i·x_i + (1 − λ_i)·x_π(i), λ_i ~ Beta(a, a),
+π a random permutation, and the teacher labels the mixed images (function matching, Beyer et al. 2022:
+the student matches the teacher between the samples too; hard labels become the teacher's argmax).
 Then ``finetune_epochs`` on hard labels alone (CE; real labels when the route uses real data,
 else the teacher's argmax on the synthetic set), SGD at ``finetune_lr`` with cosine decay.
 The student starts from synthesize's proxy student (``init: synthesis``, on the routes that read the
@@ -91,6 +94,17 @@ def epoch_shifts(data: Batches, g: torch.Generator, device, max_frac: float) -> 
     return list(random_translations(sum(sizes), max_frac, generator=g).to(device).split(sizes))
 
 
+def mix(x: torch.Tensor, a: float, g: torch.Generator) -> torch.Tensor:
+    """Mixup of a batch with itself: λ_i·x_i + (1 − λ_i)·x_π(i), λ_i ~ Beta(a, a), π and λ drawn from ``g``
+    (so every rank mixes the global batch alike)."""
+    perm = torch.randperm(len(x), generator=g)
+    with torch.random.fork_rng(devices=[]):  # Beta draws from the global stream: seed it from g
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+        lam = torch.distributions.Beta(a, a).sample((len(x),))
+    lam = lam.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return lam * x + (1 - lam) * x[perm.to(x.device)]
+
+
 def check_steps(rows: torch.Tensor, first_step: int, epoch: int) -> None:
     """Stop on a NaN/inf loss term: ``rows`` holds each step's TERMS (this rank's share of the global
     batch's mean; summed over ranks here, so a bad shard stops every rank). One host sync."""
@@ -110,7 +124,7 @@ def proxy_start(student: nn.Module, arch: str, meta: dict) -> None:
 
 
 def run(cfg: Config, tracker) -> dict:
-    d, s, speed = cfg.distill, cfg.synthesize, cfg.speed
+    d, rp, speed = cfg.distill, cfg.replay, cfg.speed
     g = seed_everything(cfg.seed)
     device = dist.device_for(pick_device(cfg.device))  # cuda:<LOCAL_RANK> under torchrun
     with torch.random.fork_rng(devices=[]):  # building the teacher(s) draws no numbers from the student's stream
@@ -137,11 +151,11 @@ def run(cfg: Config, tracker) -> dict:
     # hooks after the wrap: on the modules that run (BatchNorm swapped for its global-batch version)
     hints = FeatureKD(first_member(teacher), student, d.hints, d.feature_loss,
                       example=pools[0].x[: d.batch_size]) if d.feature_weight > 0 else None
-    live = d.augment or hints is not None  # the teacher runs on each batch
+    live = d.augment or d.mixup > 0 or hints is not None  # the teacher runs on each batch
     adapters0 = [p.detach().clone() for p in hints.parameters()] if hints else []
     params = (nn.ModuleList([student, hints]) if hints else student).parameters()
     opt = accel.sgd(params, d.lr, d.momentum, d.weight_decay, speed, device, d.nesterov)
-    batches = Batches(pools, d.priority, s.alpha, s.iw_norm)
+    batches = Batches(pools, d.priority, rp.alpha, rp.iw_norm)
     total = d.epochs * batches.steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=d.lr, total_steps=total, pct_start=d.pct_start)
     # fine-tune phase: hard labels on the real pool when there is one, else on the synthetic set
@@ -174,9 +188,11 @@ def run(cfg: Config, tracker) -> dict:
         run_loss, feat_loss = torch.zeros((), device=device), torch.zeros((), device=device)
         rows, first = torch.zeros(data.steps, len(TERMS), device=device), step  # per step: TERMS (this rank's share)
         for i in range(data.steps):
-            b = data.get(i, anneal_beta(s.beta0, step, total), g)  # the global batch, the same on every rank
+            b = data.get(i, anneal_beta(rp.beta0, step, total), g)  # the global batch, the same on every rank
             n, sh = len(b.x), dist.shard(len(b.x))  # ... and this rank's rows of it
             xb, tb, y = b.x[sh], b.t[:, sh], b.y[sh] if b.y is not None else None
+            if d.mixup and not finetune:  # mixed pairs of the global batch; the teacher labels them below
+                xb, y = mix(b.x, d.mixup, g)[sh], None
             if d.augment:  # the global batch's translations, this rank's rows
                 xb = shift_by(xb, (shifts[i] if shifts else random_translations(n, d.augment_shift, generator=g))[sh])
             T = value(d.temperature_schedule, step, total, d.temperature)
@@ -196,7 +212,7 @@ def run(cfg: Config, tracker) -> dict:
                 w = b.iw[sh] if torch.is_tensor(b.iw) else b.iw
                 if d.phi:  # φ normalises over the global batch: the teacher's logits of all shards
                     t_all = dist.gather_shards(tb, sh, n, dim=1) if live else b.t
-                    w = w * phi_weights(guide_logits(t_all, tw), s.phi_gamma, s.phi_clip, class_freq)[sh]
+                    w = w * phi_weights(guide_logits(t_all, tw), cfg.phi.gamma, cfg.phi.clip, class_freq)[sh]
                 loss = distill_loss(sl, z, T, alpha, w, gamma=d.ce_weight, labels=labels, feature=feat,
                                     beta=d.feature_weight)
             k = dist.scale(len(xb), n)  # = 1 with one process

@@ -23,8 +23,8 @@ from kdpipe.checkpoints import load_model
 from kdpipe.config import Config
 from kdpipe.errors import DataError, ExportError
 from kdpipe.quantize import calibration_subset, latency_ms, quantize_int8, session
+from kdpipe.registry import register_student
 from kdpipe.train import predict
-from kdpipe.tracking import register_student
 from kdpipe.utils import atomic_path, load_json, load_torch, save_json, sha256_file
 
 

@@ -80,7 +80,8 @@ def run(cfg: Config, tracker) -> dict:
     teacher, tspec, teacher_digests = load_teachers(cfg, device)  # one teacher, or the ensemble as the guide
     student = build_model({**tspec, "arch": cfg.student.arch}).to(device)
     stats = owner_stats(s.stats, teacher_digest(cfg)) if s.stats else None
-    synth = Synthesizer(s, speed, teacher, student, tspec, device, g, stats, seed=cfg.seed)
+    synth = Synthesizer(s, speed, teacher, student, tspec, device, g, stats, seed=cfg.seed, replay=cfg.replay,
+                        phi=cfg.phi)
     _track_setup(cfg, tracker, tspec, teacher_digests, synth)
 
     # the rounds, resumable: the synthesizer's state is saved every resume.every rounds
@@ -130,7 +131,8 @@ def _track_setup(cfg: Config, tracker, tspec: dict, teacher_digests: list, synth
                       f"{len(bn.hooks)} BatchNorm layers" if bn.hooks else "absent (no BatchNorm)"})
     if cfg.teacher.source:  # a teacher from its card: what it is, with the hash of its file
         tracker.set_tags({"teacher.source": cfg.teacher.source, "teacher.card": json.dumps(tspec["card"])})
-    tracker.log_params({"synthesize": s.model_dump(mode="json"), "student.arch": cfg.student.arch,
+    tracker.log_params({"synthesize": s.model_dump(mode="json"), "replay": cfg.replay.model_dump(mode="json"),
+                        "phi": cfg.phi.model_dump(mode="json"), "student.arch": cfg.student.arch,
                         "teacher.arch": tspec["arch"]})
     if cfg.teachers:
         tracker.log_params({"teachers": [t.model_dump(mode="json") for t in cfg.teachers]})

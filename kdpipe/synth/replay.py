@@ -112,7 +112,7 @@ class ReplayBuffer:
         return prioritized_sample(self.priority[: self.size], n, alpha, beta, generator, norm)
 
     def update_priority(self, idx: torch.Tensor, kl: torch.Tensor) -> None:
-        """p_i = KL_i + ε (``eps``, synthesize.priority_eps)."""
+        """p_i = KL_i + ε (``eps``, replay.eps)."""
         # a non-finite KL (a diverged step, stopped by the stage's loss check) must not break the sampler first
         self.priority[idx] = torch.nan_to_num(kl.detach().float(), nan=0.0, posinf=0.0) + self.eps
 

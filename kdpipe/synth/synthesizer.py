@@ -11,7 +11,7 @@ Per round r, with teacher T (frozen), generator g (warm-started from round r−1
   3. x_q = quantize(g(z)) enters B with T(x_q) (partial update, balanced eviction) and, with
      ``keep: reservoir``, the reservoir; this forward of T leaves the BN prior untouched.
   4. kd_steps of S on n = min(batch_size, kd_batch_cap·|B|) samples drawn from B (uniform, or prioritized):
-       L_S = Σ_i w_i·φ_i·KL_T(T(x_i) ‖ S(x_i))·T² / n,   p_i ← KL_i + priority_eps
+       L_S = Σ_i w_i·φ_i·KL_T(T(x_i) ‖ S(x_i))·T² / n,   p_i ← KL_i + replay.eps
        θ_S ← SGD(∇L_S; kd_lr, kd_momentum (Nesterov), kd_weight_decay)
 No host sync per step: a round's loss terms stay on the device and are checked once per round.
 """
@@ -44,8 +44,9 @@ class Synthesizer:
     synthesis run; ``round(r)`` runs round r and returns its metrics; ``state_dict`` is what a resume carries."""
 
     def __init__(self, s, speed, teacher, student, spec: dict, device, generator: torch.Generator,
-                 stats: dict | None = None, seed: int = 0):
+                 stats: dict | None = None, seed: int = 0, *, replay, phi):
         self.s, self.speed, self.device, self.g = s, speed, device, generator
+        self.replay, self.phi = replay, phi  # the sections replay and phi (shared with distill)
         self.teacher, self.student = teacher, student
         C, ch, size = spec["num_classes"], spec["in_channels"], spec["image_size"]
         self.num_classes = C
@@ -59,7 +60,7 @@ class Synthesizer:
         self.feats: dict = {}  # the teacher's penultimate features, for the DAFL activation term
         self.feat_hook = penultimate(teacher).register_forward_hook(
             lambda m, i, o: self.feats.__setitem__("f", i[0])) if s.w_act > 0 else None
-        self.buf = ReplayBuffer(s.capacity, (ch, size, size), C, device, s.eviction, s.priority_eps)
+        self.buf = ReplayBuffer(s.capacity, (ch, size, size), C, device, s.eviction, replay.eps)
         self.kept = Reservoir(s.capacity, (ch, size, size), C, seed=seed) if s.keep == "reservoir" else None
         self.kd_total, self.kd_step, self.t_gen = s.rounds * s.kd_steps, 0, 0.0
 
@@ -100,7 +101,7 @@ class Synthesizer:
                     x = shift_by(x, random_translations(len(x), s.jitter, generator=g))
                 t_logits = teacher(x).float()
                 s_logits = student(x).float() if use_adv else None
-            w = phi_weights(t_logits, s.phi_gamma, s.phi_clip, buf.class_freq()) if s.phi \
+            w = phi_weights(t_logits, self.phi.gamma, self.phi.clip, buf.class_freq()) if s.phi \
                 else torch.ones(len(x), device=device)
             ce = s.w_ce * ce_term(t_logits, targets)
             per = torch.zeros_like(ce)
@@ -153,13 +154,14 @@ class Synthesizer:
         # uniform draws: the round's indices at once; prioritized ones read the priorities the last step refreshed
         uniform = None if s.priority else torch.randint(buf.size, (s.kd_steps, n), generator=g).to(self.device)
         kd_losses, kd_first = [], self.kd_step
+        rp = self.replay
         for k in range(s.kd_steps):
-            beta = anneal_beta(s.beta0, self.kd_step, self.kd_total)
-            idx, iw = buf.sample(n, s.alpha, beta, g, norm=s.iw_norm) if uniform is None else (uniform[k], ones)
+            beta = anneal_beta(rp.beta0, self.kd_step, self.kd_total)
+            idx, iw = buf.sample(n, rp.alpha, beta, g, norm=rp.iw_norm) if uniform is None else (uniform[k], ones)
             xb, tb = buf.images(idx), buf.logits[idx]
             with accel.autocast(self.speed, self.device):
                 sl = student(accel.inputs(xb, self.speed, self.device)).float()
-            phi = phi_weights(tb, s.phi_gamma, s.phi_clip, buf.class_freq()) if s.phi else 1.0
+            phi = phi_weights(tb, self.phi.gamma, self.phi.clip, buf.class_freq()) if s.phi else 1.0
             loss = distill_loss(sl, tb, s.temperature, 1.0, iw * phi)
             kd_losses.append(loss.detach())
             self.opt_s.zero_grad(set_to_none=True)
