@@ -84,6 +84,9 @@ class BaselineCfg(TrainCfg):
     enabled: bool = True  # train the baseline (false: the stage writes a disabled spec)
 
 
+STANDARD_STATS = "standard"  # synthesize.stats: the standard-normal prior, no file
+
+
 class SynthesizeCfg(_Section):
     # buffer / schedule
     capacity: int = Field(4096, ge=16)  # synthetic samples kept (SSD-KD: ~10 % of the real set)
@@ -106,8 +109,9 @@ class SynthesizeCfg(_Section):
     w_tv: float = Field(0.0, ge=0)  # image prior (DeepInversion): total variation; stands in for w_bn without BN
     w_l2: float = Field(0.0, ge=0)  # image prior: ℓ2 of the image about mid-grey
     jitter: float = Field(0.0, ge=0, lt=0.5)  # DeepInversion's jitter: the teacher sees each generated image shifted by up to this fraction of its side; 0: off
-    # the data owner's activation statistics of a teacher without BN (kdpipe activation-stats): the BN prior's
-    # targets, weighted by w_bn; null: none
+    # the BN prior's targets for a teacher without BN: a file of the data owner's activation statistics (kdpipe
+    # activation-stats); "standard": N(0, 1) per channel of every convolution's output (a folded BN at its initial
+    # γ = 1, β = 0; kdpipe/synth/bn_hooks.py); null: none
     stats: str | None = None
     bn_momentum: float = Field(0.9, ge=0, lt=1)  # Fast: batch stats mixed with momentum
     # SSD-KD parts
@@ -129,6 +133,12 @@ class SynthesizeCfg(_Section):
     kd_nesterov: bool = True  # proxy student's Nesterov momentum (when kd_momentum > 0)
     kd_weight_decay: float = Field(5e-4, ge=0)  # proxy student's SGD weight decay
     kd_batch_cap: int = Field(4, ge=1)  # proxy student's KD batch: min(batch_size, kd_batch_cap × samples in the buffer)
+
+
+    @property
+    def stats_file(self) -> str | None:
+        """synthesize.stats when it names the data owner's file (not null, not "standard")."""
+        return None if self.stats in (None, STANDARD_STATS) else self.stats
 
 
 class ReplayCfg(_Section):

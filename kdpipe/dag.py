@@ -154,7 +154,7 @@ def data_deps(cfg: Config, stage: str) -> list[str]:
     teachers = list(dict.fromkeys([*teacher_deps(cfg), *members]))
     real = cfg.data.name != "none"
     if stage == "synthesize":
-        return teachers + ([cfg.synthesize.stats] if cfg.synthesize.stats else [])
+        return teachers + ([cfg.synthesize.stats_file] if cfg.synthesize.stats_file else [])
     if stage == "distill":
         route = cfg.distill.data
         return [str(paths.SYNTHETIC)] * (route != "real") + teachers + [str(paths.PREPARED)] * (route != "synthetic")

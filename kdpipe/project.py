@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from kdpipe.config import Config, ConfigError, apply_override, validate
+from kdpipe.config import STANDARD_STATS, Config, ConfigError, apply_override, validate
 
 # without the BN-statistics prior: DAFL's activation and information-entropy terms, the image prior and jitter
 # (chosen on MNIST val, docs/benchmarks.md: 0.9438 without jitter, 0.9546 with 0.125, 0.9330 with w_ie 5 too)
@@ -75,7 +75,7 @@ def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: 
     extra = [t["classes"]] if isinstance(t.get("classes"), str) and Path(t["classes"]).is_file() else []
     validate(tree)
     stats = tree.get("synthesize", {}).get("stats")
-    if stats and not Path(stats).is_file():
+    if stats and stats != STANDARD_STATS and not Path(stats).is_file():
         raise ConfigError(f"synthesize.stats '{stats}' does not exist")
     # load the card from a staging copy: every check before the project is written
     dest.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: 
     for f in extra:
         shutil.copy2(f, dest / "teacher" / Path(f).name)
         t["classes"] = f"teacher/{Path(f).name}"
-    if stats:  # the data owner's activation statistics travel with the teacher
+    if stats and stats != STANDARD_STATS:  # the data owner's activation statistics travel with the teacher
         shutil.copy2(stats, dest / "teacher" / Path(stats).name)
         tree["synthesize"]["stats"] = f"teacher/{Path(stats).name}"
     try:
@@ -97,7 +97,7 @@ def init(dest: str | Path, teacher: str | Path, overrides: list[str] = (), git: 
     t.update({"input_size": card.input_size, "channels": card.channels, "layout": card.layout})
     if not isinstance(t.get("classes"), str):
         t["classes"] = card.classes
-    bn = has_batchnorm(model) or bool(stats)  # the owner's statistics stand in for BN's
+    bn = has_batchnorm(model) or bool(stats)  # the owner's (or the standard) statistics stand in for BN's
     if not bn:
         said = {o.split("=", 1)[0].strip() for o in overrides}
         for k, v in NO_BN_RECIPE.items():

@@ -236,3 +236,29 @@ def test_owner_activation_stats_stand_in_for_bn(tmp_path):
     assert set(read_stats(str(tmp_path / "stats.pt"), c.sha256)) == set(convs)
     with pytest.raises(ConfigError, match="was not made for this teacher"):
         read_stats(str(tmp_path / "stats.pt"), "0" * 64)
+
+
+def test_standard_stats_are_a_unit_gaussian_on_every_convolution():
+    """synthesize.stats: standard (no owner): targets μ = 0, σ² = 1 per channel of every Conv2d's output, so the
+    prior is Σ_l ‖μ_l‖₂ + ‖σ²_l − 1‖₂ of the batch; refused for a teacher that has BatchNorm layers."""
+    from kdpipe.synth.bn_hooks import channel_stats, standard_stats
+
+    teacher, _ = load_card(card(f"teacher.source={KERAS}", "teacher.range=[0, 255]", *NO_NORM))
+    convs = {n: m for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d)}
+    stats = standard_stats(teacher)
+    assert set(stats) == set(convs) and len(stats) == 3
+    for n, m in convs.items():
+        assert torch.equal(stats[n]["mean"], torch.zeros(m.out_channels))
+        assert torch.equal(stats[n]["var"], torch.ones(m.out_channels))
+    seen = {}
+    h = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o)) for n, m in convs.items()]
+    prior = BNPrior(teacher, 0.0, stats)
+    with torch.no_grad():
+        teacher(torch.rand(32, 1, 8, 8) * 255)
+    for hh in h:
+        hh.remove()
+    want = sum(float(torch.norm(mu, 2) + torch.norm(var - 1, 2)) for mu, var in map(channel_stats, seen.values()))
+    assert prior.loss().item() == pytest.approx(want, rel=1e-5) and want > 0
+    prior.remove()
+    with pytest.raises(ConfigError, match="synthesize.stats: standard is for a teacher without BatchNorm"):
+        standard_stats(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)))

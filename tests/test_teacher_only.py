@@ -222,3 +222,9 @@ def test_init_with_owner_statistics(tmp_path):
     r = run([KDPIPE, "init", str(tmp_path / "q"), "--teacher", str(KERAS), *card, "--set", "synthesize.stats=nope.pt"],
             tmp_path, env=env, check=False)
     assert r.returncode == 2 and "synthesize.stats 'nope.pt' does not exist" in r.stderr
+    r = run([KDPIPE, "init", str(tmp_path / "s"), "--teacher", str(KERAS), *card, "--set", "synthesize.stats=standard"],
+            tmp_path, env=env)  # no owner at all: the standard-normal prior, no file to carry
+    params = yaml.safe_load((tmp_path / "s/params.yaml").read_text())["synthesize"]
+    assert params["stats"] == "standard" and params["w_bn"] == 10.0 and params["w_act"] == 0.0
+    assert yaml.safe_load((tmp_path / "s/dvc.yaml").read_text())["stages"]["synthesize"]["deps"] == \
+        [f"teacher/{KERAS.name}"]

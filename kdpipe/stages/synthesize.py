@@ -24,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from kdpipe import accel, paths
-from kdpipe.config import Config
+from kdpipe.config import STANDARD_STATS, Config
 from kdpipe.models import build_model
 from kdpipe.resume import Resume
+from kdpipe.synth.bn_hooks import standard_stats
 from kdpipe.synth.synthesizer import Synthesizer, class_entropy
 from kdpipe.teachers import load_teachers, teacher_digest, teacher_files
 from kdpipe.train import check_weights
@@ -79,14 +80,15 @@ def run(cfg: Config, tracker) -> dict:
     accel.setup(speed, device)
     teacher, tspec, teacher_digests = load_teachers(cfg, device)  # one teacher, or the ensemble as the guide
     student = build_model({**tspec, "arch": cfg.student.arch}).to(device)
-    stats = owner_stats(s.stats, teacher_digest(cfg)) if s.stats else None
+    stats = (standard_stats(teacher) if s.stats == STANDARD_STATS else owner_stats(s.stats, teacher_digest(cfg))) \
+        if s.stats else None
     synth = Synthesizer(s, speed, teacher, student, tspec, device, g, stats, seed=cfg.seed, replay=cfg.replay,
                         phi=cfg.phi)
     _track_setup(cfg, tracker, tspec, teacher_digests, synth)
 
     # the rounds, resumable: the synthesizer's state is saved every resume.every rounds
     members = [t.checkpoint for t in cfg.teachers if t.checkpoint]
-    resume = Resume(cfg, "synthesize", [*teacher_files(cfg), *members, *([s.stats] if s.stats else [])],
+    resume = Resume(cfg, "synthesize", [*teacher_files(cfg), *members, *([s.stats_file] if s.stats_file else [])],
                     unit="round")  # + the code it runs (kdpipe/resume.py: dvc.yaml's deps, kdpipe/synth included)
     state = resume.load(tracker, g)
     if state:
@@ -121,13 +123,15 @@ def run(cfg: Config, tracker) -> dict:
 def _track_setup(cfg: Config, tracker, tspec: dict, teacher_digests: list, synth: Synthesizer) -> None:
     """The run's parameters and tags: what guides the synthesis (BN prior, teacher card, ensemble)."""
     s, bn = cfg.synthesize, synth.bn
-    if s.stats:
-        tracker.set_tags({"synthesize.stats.sha256": sha256_file(s.stats)})
+    if s.stats_file:
+        tracker.set_tags({"synthesize.stats.sha256": sha256_file(s.stats_file)})
     elif not bn.hooks:  # said once: the BN-statistics prior, the term that matters most with BN, is not there
         print(f"[kdpipe] synthesize: the teacher has no BatchNorm layers (folded by its exporter?): no BN-statistics "
               f"prior (synthesize.w_bn has no effect); synthesis relies on CE, adversarial, DAFL (w_act {s.w_act}, "
               f"w_ie {s.w_ie}) and the image prior (w_tv {s.w_tv}, w_l2 {s.w_l2})", flush=True)
-    tracker.set_tags({"kdpipe.bn_prior": f"the data owner's statistics of {len(bn.hooks)} convolutions" if s.stats else
+    tracker.set_tags({"kdpipe.bn_prior": f"N(0, 1) on the outputs of {len(bn.hooks)} convolutions (synthesize.stats: "
+                      "standard)" if s.stats == STANDARD_STATS else
+                      f"the data owner's statistics of {len(bn.hooks)} convolutions" if s.stats else
                       f"{len(bn.hooks)} BatchNorm layers" if bn.hooks else "absent (no BatchNorm)"})
     if cfg.teacher.source:  # a teacher from its card: what it is, with the hash of its file
         tracker.set_tags({"teacher.source": cfg.teacher.source, "teacher.card": json.dumps(tspec["card"])})

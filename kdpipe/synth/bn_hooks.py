@@ -11,7 +11,10 @@ under ``paused()`` (the buffer's no-grad forward) changes neither the loss nor w
 Without BN (folded by the exporter), the targets can come from the data owner instead (``kdpipe activation-stats``,
 ``synthesize.stats``): per-channel mean and variance of every convolution's output on their data, μ_l^own, σ²_l^own,
 the same kind of aggregate as BN's running statistics; then L_BN = Σ_l ‖μ_l − μ_l^own‖₂ + ‖σ²_l − σ²_l^own‖₂ with
-μ_l, σ²_l the batch statistics of that convolution's output.
+μ_l, σ²_l the batch statistics of that convolution's output. With no owner either (``synthesize.stats: standard``),
+the targets are μ_l^std = 0, σ²_l^std = 1 for every convolution: a BN folded into its convolution leaves that
+convolution's output distributed as the BN's output, per channel mean β_c and variance γ_c², and the standard
+prior takes BN's initial γ = 1, β = 0 (trained values stay near them: docs/benchmarks.md measures both).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from kdpipe.config import ConfigError
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +115,15 @@ class BNPrior:
     def remove(self):
         for h in self.hooks:
             h.remove()
+
+
+def standard_stats(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """``synthesize.stats: standard``: N(0, 1) targets for every Conv2d's output -> {module name: {"mean", "var"}}."""
+    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        raise ConfigError("synthesize.stats: standard is for a teacher without BatchNorm; this teacher has BatchNorm "
+                          "layers, whose own running statistics are the prior (set synthesize.stats: null)")
+    return {name: {"mean": torch.zeros(m.out_channels), "var": torch.ones(m.out_channels)}
+            for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 @torch.no_grad()
