@@ -123,9 +123,10 @@ def main() -> int:
     n_train = meta["splits"]["train"]["n"]
     x_all, y_all = data.load_split("train", device)
     tspec, sspec = make_spec(cfg.teacher.arch, meta), make_spec(cfg.student.arch, meta)
-    accel.setup(cfg.speed, device)  # cuDNN autotuning
-    fmt = accel.memory_format(cfg.speed, device)
-    amp = lambda: accel.autocast(cfg.speed, device)  # noqa: E731
+    acc = accel.Accel(cfg.speed, device)
+    acc.setup()  # cuDNN autotuning
+    fmt = acc.memory_format()
+    amp = acc.autocast
     compiled = torch.compile if cfg.speed.compile else (lambda m: m)
 
     def model(spec):
@@ -140,7 +141,7 @@ def main() -> int:
 
     def supervised_floor(spec, b):
         m, it = model(spec).train(), batches(b)
-        opt = accel.sgd(m.parameters(), 0.01, 0.9, 0.0, cfg.speed, device)  # fused on CUDA
+        opt = acc.sgd(m.parameters(), 0.01, 0.9, 0.0)  # fused on CUDA
         fwd = compiled(m)
 
         def step():
@@ -155,7 +156,7 @@ def main() -> int:
 
     def kd_floor(b):
         t, s, it = model(tspec).eval().requires_grad_(False), model(sspec).train(), batches(b)
-        opt = accel.sgd(s.parameters(), 0.01, 0.9, 0.0, cfg.speed, device)
+        opt = acc.sgd(s.parameters(), 0.01, 0.9, 0.0)
         tf, sf = compiled(t), compiled(s)
 
         def step():
@@ -213,7 +214,7 @@ def main() -> int:
         print(rows[-1], flush=True)
 
     name = Path(a.preset).stem if a.preset else cfg.data.name
-    precision = " + ".join(k for k, on in (("bf16 autocast", accel.amp_dtype(cfg.speed, device) is not None),
+    precision = " + ".join(k for k, on in (("bf16 autocast", accel.Accel(cfg.speed, device).amp_dtype() is not None),
                                            ("channels_last", fmt is torch.channels_last),
                                            ("torch.compile", cfg.speed.compile)) if on) or "fp32"
     info = run_info()
@@ -222,7 +223,7 @@ def main() -> int:
            "precision": precision, "speed": cfg.speed.model_dump(mode="json"), "seconds": a.seconds, "n_train": n_train,
            "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],  # start, end: others' load on the box
            "teacher": cfg.teacher.arch, "student": cfg.student.arch, "image_size": meta["image_size"], "rows": rows}
-    knobs = "".join(f"-{k}" for k, on in (("bf16", accel.amp_dtype(cfg.speed, device) is not None),
+    knobs = "".join(f"-{k}" for k, on in (("bf16", accel.Accel(cfg.speed, device).amp_dtype() is not None),
                                             ("cl", fmt is torch.channels_last), ("compile", cfg.speed.compile)) if on)
     write_result(out, f"speed-{name}-{device.type}{knobs}.json")
     print(f"\n{name} ({cfg.teacher.arch} → {cfg.student.arch}, {meta['image_size']} px): {dev}, {out['precision']}, "

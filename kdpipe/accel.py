@@ -9,10 +9,14 @@
 "auto" means on for CUDA and off on CPU, so on CPU the defaults train bit-identically to plain
 fp32 code. Used by train-teacher and baseline (kdpipe/train.py), synthesize and distill. Every
 helper here is free of host syncs, so the training loop can run ahead of the GPU.
+
+A stage builds one ``Accel(cfg.speed, device)`` and passes it on; its methods are the knobs applied
+(``acc.autocast()``, ``acc.inputs(x)``, ``acc.sgd(...)``, ``acc.train_module(m)``, ...).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
@@ -25,87 +29,86 @@ def _on(knob, device: torch.device) -> bool:
     return device.type == "cuda" if knob == "auto" else bool(knob)
 
 
-def amp_dtype(speed: SpeedCfg, device: torch.device) -> torch.dtype | None:
-    """bfloat16 when autocast is on for this device, else None (fp32)."""
-    return torch.bfloat16 if speed.amp == "bf16" or (speed.amp == "auto" and device.type == "cuda") else None
+@dataclasses.dataclass(frozen=True)
+class Accel:
+    """The speed knobs of one stage on its device, built once (``Accel(cfg.speed, device)``) and passed on."""
 
+    speed: SpeedCfg
+    device: torch.device
 
-def autocast(speed: SpeedCfg, device: torch.device):
-    dtype = amp_dtype(speed, device)
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    def amp_dtype(self) -> torch.dtype | None:
+        """bfloat16 when autocast is on for this device, else None (fp32)."""
+        amp = self.speed.amp
+        return torch.bfloat16 if amp == "bf16" or (amp == "auto" and self.device.type == "cuda") else None
 
+    def autocast(self):
+        dtype = self.amp_dtype()
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-def memory_format(speed: SpeedCfg, device: torch.device) -> torch.memory_format:
-    return torch.channels_last if _on(speed.channels_last, device) else torch.contiguous_format
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if _on(self.speed.channels_last, self.device) else torch.contiguous_format
 
+    def setup(self) -> None:
+        """Process-wide switches for a CUDA device: cuDNN autotuning; TF32 for the fp32 matmuls left under autocast."""
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = self.speed.cudnn_benchmark
+            if self.amp_dtype() is not None:
+                torch.backends.cuda.matmul.allow_tf32 = True
 
-def setup(speed: SpeedCfg, device: torch.device) -> None:
-    """Process-wide switches for a CUDA device: cuDNN autotuning; TF32 for the fp32 matmuls left under autocast."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = speed.cudnn_benchmark
-        if amp_dtype(speed, device) is not None:
-            torch.backends.cuda.matmul.allow_tf32 = True
+    def train_module(self, model: nn.Module) -> nn.Module:
+        """The callable to train with: ``model`` in the chosen memory format (in place), wrapped in DDP
+        under torchrun, compiled if asked. Save and evaluate ``model`` itself (its state_dict keys stay plain)."""
+        self.setup()
+        if self.memory_format() is torch.channels_last:
+            model.to(memory_format=torch.channels_last)
+        net = dist.wrap(model, self.device, self.speed.sync_bn)
+        return torch.compile(net) if self.speed.compile else net
 
+    def frozen_module(self, model: nn.Module) -> nn.Module:
+        """A model not wrapped for training (no DDP, no compile): the chosen memory format, in place. The
+        teacher; in synthesize also the generator and proxy student, which one process trains as they are."""
+        if self.memory_format() is torch.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
 
-def train_module(model: nn.Module, speed: SpeedCfg, device: torch.device) -> nn.Module:
-    """The callable to train with: ``model`` in the chosen memory format (in place), wrapped in DDP
-    under torchrun, compiled if asked. Save and evaluate ``model`` itself (its state_dict keys stay plain)."""
-    setup(speed, device)
-    if memory_format(speed, device) is torch.channels_last:
-        model.to(memory_format=torch.channels_last)
-    net = dist.wrap(model, device, speed.sync_bn)
-    return torch.compile(net) if speed.compile else net
+    def plain(self, model: nn.Module) -> nn.Module:
+        """After training: the weights back in the default (contiguous) layout, to save and export."""
+        if self.memory_format() is torch.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        return model
 
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch in the model's memory format (4-D only; a no-op on the default CPU path)."""
+        fmt = self.memory_format()
+        return x.contiguous(memory_format=fmt) if fmt is torch.channels_last and x.dim() == 4 else x
 
-def frozen_module(model: nn.Module, speed: SpeedCfg, device: torch.device) -> nn.Module:
-    """A model not wrapped for training (no DDP, no compile): the chosen memory format, in place. The
-    teacher; in synthesize also the generator and proxy student, which one process trains as they are."""
-    if memory_format(speed, device) is torch.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
+    def _fused(self) -> dict:
+        return {"fused": True} if self.speed.fused and self.device.type == "cuda" else {}
 
+    def sgd(self, params, lr: float, momentum: float, weight_decay: float,
+            nesterov: bool = True) -> torch.optim.Optimizer:
+        """SGD (Nesterov when ``nesterov`` and momentum > 0); the fused kernel on CUDA when ``speed.fused``."""
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov and momentum > 0, **self._fused())
 
-def plain(model: nn.Module, speed: SpeedCfg, device: torch.device) -> nn.Module:
-    """After training: the weights back in the default (contiguous) layout, to save and export."""
-    if memory_format(speed, device) is torch.channels_last:
-        model.to(memory_format=torch.contiguous_format)
-    return model
+    def adam(self, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+        """Adam; the fused kernel on CUDA when ``speed.fused``."""
+        return torch.optim.Adam(params, lr=lr, betas=betas, **self._fused())
 
+    def data_device(self, nbytes: int) -> torch.device:
+        """Where a split of ``nbytes`` (float32) lives: on ``device`` if it is the CPU, if forced, or
+        (auto) if it takes under a quarter of the GPU's memory (MNIST 0.2 GB, CIFAR-10 0.6 GB); else the host."""
+        device, on = self.device, self.speed.data_on_device
+        if device.type == "cpu" or on is True:
+            return device
+        if on is False:
+            return torch.device("cpu")
+        return device if nbytes < torch.cuda.get_device_properties(device).total_memory / 4 else torch.device("cpu")
 
-def inputs(x: torch.Tensor, speed: SpeedCfg, device: torch.device) -> torch.Tensor:
-    """A batch in the model's memory format (4-D only; a no-op on the default CPU path)."""
-    fmt = memory_format(speed, device)
-    return x.contiguous(memory_format=fmt) if fmt is torch.channels_last and x.dim() == 4 else x
-
-
-def sgd(params, lr: float, momentum: float, weight_decay: float, speed: SpeedCfg,
-        device: torch.device, nesterov: bool = True) -> torch.optim.Optimizer:
-    """SGD (Nesterov when ``nesterov`` and momentum > 0); the fused kernel on CUDA when ``speed.fused``."""
-    fused = {"fused": True} if speed.fused and device.type == "cuda" else {}
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           nesterov=nesterov and momentum > 0, **fused)
-
-
-def adam(params, lr: float, betas: tuple[float, float], speed: SpeedCfg, device: torch.device) -> torch.optim.Optimizer:
-    """Adam; the fused kernel on CUDA when ``speed.fused``."""
-    fused = {"fused": True} if speed.fused and device.type == "cuda" else {}
-    return torch.optim.Adam(params, lr=lr, betas=betas, **fused)
-
-
-def data_device(speed: SpeedCfg, device: torch.device, nbytes: int) -> torch.device:
-    """Where a split of ``nbytes`` (float32) lives: on ``device`` if it is the CPU, if forced, or
-    (auto) if it takes under a quarter of the GPU's memory (MNIST 0.2 GB, CIFAR-10 0.6 GB); else the host."""
-    if device.type == "cpu" or speed.data_on_device is True:
-        return device
-    if speed.data_on_device is False:
-        return torch.device("cpu")
-    return device if nbytes < torch.cuda.get_device_properties(device).total_memory / 4 else torch.device("cpu")
-
-
-def split_device(speed: SpeedCfg, device: torch.device, meta: dict, split: str = "train") -> torch.device:
-    """``data_device`` for a prepared split (float32 N×C×H×W, sizes from meta.json)."""
-    n = meta["splits"][split]["n"] * meta["channels"] * meta["image_size"] ** 2 * 4
-    return data_device(speed, device, n)
+    def split_device(self, meta: dict, split: str = "train") -> torch.device:
+        """``data_device`` for a prepared split (float32 N×C×H×W, sizes from meta.json)."""
+        n = meta["splits"][split]["n"] * meta["channels"] * meta["image_size"] ** 2 * 4
+        return self.data_device(n)
 
 
 class _Rows(torch.utils.data.Dataset):

@@ -66,17 +66,18 @@ def check_weights(stage: str, model: nn.Module) -> None:
 
 
 def fit_supervised(model: nn.Module, x, y, xv, yv, cfg: TrainCfg, tracker, desc: str, generator=None,
-                   resume=None, speed: SpeedCfg | None = None) -> dict:
+                   resume=None, acc: accel.Accel | None = None) -> dict:
     """SGD + one-cycle schedule over ``cfg.epochs`` with random-shift augmentation; logs per epoch.
     ``resume`` (kdpipe.resume.Resume): continue from its checkpoint, save one every resume.every epochs.
-    ``speed``: the knobs of kdpipe/accel.py. Under torchrun each rank trains on its shard of every
-    global batch of ``cfg.batch_size`` (kdpipe/dist.py); each node's local rank 0 saves resume checkpoints.
+    ``acc``: the speed knobs on the model's device (kdpipe.accel.Accel; default: ``SpeedCfg()``). Under
+    torchrun each rank trains on its shard of every global batch of ``cfg.batch_size`` (kdpipe/dist.py);
+    each node's local rank 0 saves resume checkpoints.
     No host sync inside an epoch: step losses stay on the device and are checked for NaN/inf once per
     epoch (the message names the first bad step, as a per-step check would)."""
-    speed = speed or SpeedCfg()
-    device = next(model.parameters()).device
-    net = accel.train_module(model, speed, device)
-    opt = accel.sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, speed, device, cfg.nesterov)
+    acc = acc or accel.Accel(SpeedCfg(), next(model.parameters()).device)
+    device = acc.device
+    net = acc.train_module(model)
+    opt = acc.sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     batches = accel.global_batches(len(x), cfg.batch_size)
     steps_per_epoch = len(batches)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
@@ -93,11 +94,11 @@ def fit_supervised(model: nn.Module, x, y, xv, yv, cfg: TrainCfg, tracker, desc:
         perm = torch.randperm(len(x), generator=generator)
         shifts = random_translations(len(x), cfg.shift, generator=generator).to(device)  # = one draw per step, in order
         sums = torch.zeros(steps_per_epoch, device=device)  # Σ loss over each step's samples (this rank's)
-        data = accel.epoch_batches(x, y, perm, cfg.batch_size, device, speed.workers)
+        data = accel.epoch_batches(x, y, perm, cfg.batch_size, device, acc.speed.workers)
         for j, (b, (xb, yb)) in enumerate(zip(batches, data)):
             xb = shift_by(xb, shifts[b][dist.shard(b.stop - b.start)])
-            with accel.autocast(speed, device):
-                logits = net(accel.inputs(xb, speed, device))
+            with acc.autocast():
+                logits = net(acc.inputs(xb))
             loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             (loss * dist.scale(len(yb), b.stop - b.start) if dist.active() else loss).backward()
@@ -121,17 +122,17 @@ def fit_supervised(model: nn.Module, x, y, xv, yv, cfg: TrainCfg, tracker, desc:
 
 
 def supervised_setup(cfg, arch: str):
-    """The start of a supervised stage (train-teacher, baseline): the seeded generator, the model spec, a fresh
-    ``arch`` on the device (cuda:<LOCAL_RANK> under torchrun), and the (x, y) train and val splits, on the GPU
-    when they fit there, else on the host."""
+    """The start of a supervised stage (train-teacher, baseline): the seeded generator, the stage's speed knobs
+    (kdpipe.accel.Accel on the device: cuda:<LOCAL_RANK> under torchrun), the model spec, a fresh ``arch`` on the
+    device, and the (x, y) train and val splits, on the GPU when they fit there, else on the host."""
     from kdpipe import accel, data, dist
     from kdpipe.models import build_model, make_spec
     from kdpipe.utils import pick_device, seed_everything
 
     g = seed_everything(cfg.seed)
-    device = dist.device_for(pick_device(cfg.device))
+    acc = accel.Accel(cfg.speed, dist.device_for(pick_device(cfg.device)))
     meta = data.load_meta()
     spec = make_spec(arch, meta)
-    model = build_model(spec).to(device)
-    where = accel.split_device(cfg.speed, device, meta)
-    return g, spec, model, data.load_split("train", where), data.load_split("val", where)
+    model = build_model(spec).to(acc.device)
+    where = acc.split_device(meta)
+    return g, acc, spec, model, data.load_split("train", where), data.load_split("val", where)

@@ -223,17 +223,18 @@ def fit(speed: SpeedCfg) -> tuple[torch.nn.Module, list[float]]:
     torch.manual_seed(0)
     spec = {"arch": "digits_cnn", "in_channels": 1, "num_classes": 10, "image_size": 8, "mean": [0.3], "std": [0.4]}
     model, rec = build_model(spec), Recorder()
-    fit_supervised(model, *digits_data(), CFG, rec, "knobs", generator=torch.Generator().manual_seed(0), speed=speed)
+    fit_supervised(model, *digits_data(), CFG, rec, "knobs", generator=torch.Generator().manual_seed(0),
+                   acc=accel.Accel(speed, torch.device("cpu")))
     return model, [m["train_loss"] for m in rec.metrics]
 
 
 def test_knobs_default_off_on_cpu_and_forced_bf16_channels_last_trains():
     """Defaults are fp32 contiguous on CPU; forcing bf16 autocast + channels_last runs the same
     training with bf16 rounding: other numbers, the same loss curve to a few hundredths."""
-    cpu = torch.device("cpu")
     d = SpeedCfg()
-    assert accel.amp_dtype(d, cpu) is None and accel.memory_format(d, cpu) is torch.contiguous_format
-    assert not accel.sgd([torch.zeros(1, requires_grad=True)], 0.1, 0.9, 0, d, cpu).defaults.get("fused")
+    acc = accel.Accel(d, torch.device("cpu"))
+    assert acc.amp_dtype() is None and acc.memory_format() is torch.contiguous_format
+    assert not acc.sgd([torch.zeros(1, requires_grad=True)], 0.1, 0.9, 0).defaults.get("fused")
     _, fp32 = fit(d)
     model, bf16 = fit(SpeedCfg(amp="bf16", channels_last=True))
     assert model.net[0].weight.is_contiguous(memory_format=torch.channels_last)

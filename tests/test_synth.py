@@ -180,6 +180,7 @@ def test_reservoir_fills_then_resumes_bit_for_bit():
 
 
 def _tiny_synthesizer(momentum: float):
+    from kdpipe.accel import Accel
     from kdpipe.config import Config
     from kdpipe.synth.synthesizer import Synthesizer
 
@@ -195,8 +196,8 @@ def _tiny_synthesizer(momentum: float):
     s = cfg.synthesize.model_copy(update=dict(capacity=16, rounds=2, batch_size=8, g_steps=3, kd_steps=2,
                                               warmup_rounds=0, nz=8, ngf=8, bn_momentum=momentum))
     spec = {"num_classes": 3, "in_channels": 1, "image_size": 8}
-    return Synthesizer(s, cfg.speed, teacher, student, spec, torch.device("cpu"), torch.Generator().manual_seed(0),
-                       replay=cfg.replay, phi=cfg.phi)
+    acc = Accel(cfg.speed, torch.device("cpu"))
+    return Synthesizer(s, acc, teacher, student, spec, torch.Generator().manual_seed(0), replay=cfg.replay, phi=cfg.phi)
 
 
 def test_bn_momentum_statistics_move_once_per_round_not_on_the_buffer_forward():

@@ -16,12 +16,12 @@ def run(cfg: Config, tracker) -> dict:
         save_json({"enabled": False, "reason": why}, paths.BASELINE / "spec.json")
         tracker.set_tags({"kdpipe.baseline_skipped": why})
         return {"enabled": False, "reason": why}
-    g, spec, model, (x, y), (xv, yv) = supervised_setup(cfg, cfg.student.arch)
+    g, acc, spec, model, (x, y), (xv, yv) = supervised_setup(cfg, cfg.student.arch)
     tracker.log_params({"baseline": cfg.baseline.model_dump(mode="json"), "student.arch": cfg.student.arch})
     tracker.log_data_input("real-train", paths.PREPARED, "real")
     resume = Resume(cfg, "baseline", [paths.PREPARED])  # + the code it runs (kdpipe/resume.py)
     res = fit_supervised(model, x, y, xv, yv, cfg.baseline, tracker, "baseline", generator=g, resume=resume,
-                         speed=cfg.speed)
+                         acc=acc)
     if not dist.is_main():  # under torchrun rank 0 alone writes outputs
         return {"val_acc": round(res["val_acc"], 4)}
     save_torch(model.state_dict(), paths.BASELINE / "model.pt")

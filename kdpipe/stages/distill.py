@@ -42,13 +42,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from kdpipe import accel, dist, paths
-from kdpipe.config import Config
+from kdpipe.config import Config, PhiCfg
 from kdpipe.errors import DataError
 from kdpipe.feature_kd import FeatureKD
 from kdpipe.losses import distill_loss, kd_per_sample
 from kdpipe.models import build_model
 from kdpipe.resume import Resume
-from kdpipe.routes import Batches, batch_sizes, real_pool, synthetic_pool
+from kdpipe.routes import Batch, Batches, batch_sizes, real_pool, synthetic_pool
 from kdpipe.schedules import value
 from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import anneal_beta
@@ -123,8 +123,57 @@ def proxy_start(student: nn.Module, arch: str, meta: dict) -> None:
     student.load_state_dict(load_torch(path))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Targets:
+    """What one batch's loss compares the student with, on this rank's rows: the teacher's K×B×C logits
+    ``t``, the soft-target logits ``z`` (softmax(z/T) = p), the hard labels ``labels`` of the CE term (None:
+    argmax z, with one teacher and no real labels) and the per-sample weights ``w`` (importance weights × φ;
+    1.0 when both are off, and in the fine-tune phase)."""
+
+    t: torch.Tensor
+    z: torch.Tensor
+    labels: torch.Tensor | None
+    w: torch.Tensor | float
+
+    @property
+    def hard(self) -> torch.Tensor:
+        """The hard labels in every case: ``labels``, else argmax z (the teacher's argmax, = hard_labels(y, t))."""
+        return self.z.argmax(1) if self.labels is None else self.labels
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Guide:
+    """The frozen teacher(s) of a distill run and how they label a batch (``targets``)."""
+
+    teacher: nn.Module
+    weights: torch.Tensor | None  # w_k of an ensemble; None: one teacher
+    acc: accel.Accel
+    live: bool  # the teacher runs on each batch (augment, mixup, hints); else the pools' stored logits
+    phi: PhiCfg | None  # SSD-KD's φ (distill.phi), normalised over the global batch; None: off
+    class_freq: torch.Tensor  # φ's p̄: the teacher's mean probabilities (T = 1) over the first pool
+
+    def targets(self, b: Batch, sh: slice, xb: torch.Tensor, y: torch.Tensor | None, T: float,
+                weigh: bool = True) -> Targets:
+        """The targets of rows ``sh`` (this rank's) of the global batch ``b``, whose images (mixed, shifted)
+        are ``xb`` and real labels ``y`` (None: none); at temperature ``T``; the weights ``w`` when ``weigh``."""
+        t = b.t[:, sh]
+        if self.live:
+            with self.acc.autocast(), torch.no_grad():
+                t = teacher_logits(self.teacher, self.acc.inputs(xb)).float()  # K×B×C (+ hint outputs)
+        z = target_logits(t, T, self.weights)  # softmax(z/T) = the soft target p
+        labels = hard_labels(y, t, self.weights) if y is not None or len(t) > 1 else None  # None: argmax of z
+        w = 1.0
+        if weigh:
+            w = b.iw[sh] if torch.is_tensor(b.iw) else b.iw
+            if self.phi is not None:  # φ normalises over the global batch: the teacher's logits of all shards
+                t_all = dist.gather_shards(t, sh, len(b.x), dim=1) if self.live else b.t
+                w = w * phi_weights(guide_logits(t_all, self.weights), self.phi.gamma, self.phi.clip,
+                                    self.class_freq)[sh]
+        return Targets(t, z, labels, w)
+
+
 def run(cfg: Config, tracker) -> dict:
-    d, rp, speed = cfg.distill, cfg.replay, cfg.speed
+    d, rp = cfg.distill, cfg.replay
     g = seed_everything(cfg.seed)
     device = dist.device_for(pick_device(cfg.device))  # cuda:<LOCAL_RANK> under torchrun
     with torch.random.fork_rng(devices=[]):  # building the teacher(s) draws no numbers from the student's stream
@@ -141,37 +190,45 @@ def run(cfg: Config, tracker) -> dict:
     student = build_model(spec).to(device)
     if d.init == "synthesis" and n_syn:
         proxy_start(student, cfg.student.arch, meta)
+    speed = cfg.speed
     if speed.compile and d.feature_weight > 0:  # a compiled graph would not run the hint hooks on later calls
         print("[kdpipe] distill: speed.compile is ignored with hints (distill.feature_weight > 0)", flush=True)
         speed = speed.model_copy(update={"compile": False})
-    net = accel.train_module(student, speed, device)  # channels_last; DDP under torchrun; compiled if asked
-    accel.frozen_module(teacher, speed, device)
+    acc = accel.Accel(speed, device)
+    net = acc.train_module(student)  # channels_last; DDP under torchrun; compiled if asked
+    acc.frozen_module(teacher)
     ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(d.ema), use_buffers=True) if d.ema else None
     log_route(cfg, tracker, pools, meta, digests)
     # hooks after the wrap: on the modules that run (BatchNorm swapped for its global-batch version)
     hints = FeatureKD(first_member(teacher), student, d.hints, d.feature_loss,
                       example=pools[0].x[: d.batch_size]) if d.feature_weight > 0 else None
     live = d.augment or d.mixup > 0 or hints is not None  # the teacher runs on each batch
+    guide = Guide(teacher, tw, acc, live, cfg.phi if d.phi else None,
+                  class_freq=torch.softmax(guide_logits(pools[0].t, tw), 1).mean(0))
     adapters0 = [p.detach().clone() for p in hints.parameters()] if hints else []
     params = (nn.ModuleList([student, hints]) if hints else student).parameters()
-    opt = accel.sgd(params, d.lr, d.momentum, d.weight_decay, speed, device, d.nesterov)
+    opt = acc.sgd(params, d.lr, d.momentum, d.weight_decay, d.nesterov)
     batches = Batches(pools, d.priority, rp.alpha, rp.iw_norm)
     total = d.epochs * batches.steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=d.lr, total_steps=total, pct_start=d.pct_start)
     # fine-tune phase: hard labels on the real pool when there is one, else on the synthetic set
     ft_batches = Batches([dataclasses.replace(pools[-1], batch=d.batch_size)])
-    ft_opt = accel.sgd(student.parameters(), d.finetune_lr, d.momentum, d.weight_decay, speed, device, d.nesterov)
+    ft_opt = acc.sgd(student.parameters(), d.finetune_lr, d.momentum, d.weight_decay, d.nesterov)
     ft_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ft_opt, max(d.finetune_epochs * ft_batches.steps, 1))
-    class_freq = torch.softmax(guide_logits(pools[0].t, tw), 1).mean(0)
     agree_key, agree_labels = f"{pools[0].kind}_agreement", hard_labels(None, pools[0].t, tw)
     history, step = [], 0
+    # what a resume checkpoint carries (with the pools' priorities, the history and the step)
+    stateful = {"student": student, "optimizer": opt, "scheduler": sched, "ft_optimizer": ft_opt,
+                "ft_scheduler": ft_sched}
+    if hints:
+        stateful["hints"] = hints
+    if ema:
+        stateful["ema"] = ema
     inputs = [paths.SYNTHETIC] * bool(n_syn) + [paths.PREPARED] * bool(n_real) + teacher_files(cfg)
     resume = Resume(cfg, "distill", [*inputs, *[t.checkpoint for t in cfg.teachers if t.checkpoint]])  # + its code
     state = resume.load(tracker, g)
     if state:
-        for obj, k in ((student, "student"), (opt, "optimizer"), (sched, "scheduler"), (ft_opt, "ft_optimizer"),
-                       (ft_sched, "ft_scheduler"), *([(hints, "hints")] if hints else []),
-                       *([(ema, "ema")] if ema else [])):
+        for k, obj in stateful.items():
             obj.load_state_dict(state[k])
         for p, pr in zip(pools, state["priority"]):
             p.priority.copy_(pr)
@@ -190,30 +247,22 @@ def run(cfg: Config, tracker) -> dict:
         for i in range(data.steps):
             b = data.get(i, anneal_beta(rp.beta0, step, total), g)  # the global batch, the same on every rank
             n, sh = len(b.x), dist.shard(len(b.x))  # ... and this rank's rows of it
-            xb, tb, y = b.x[sh], b.t[:, sh], b.y[sh] if b.y is not None else None
+            xb, y = b.x[sh], b.y[sh] if b.y is not None else None
             if d.mixup and not finetune:  # mixed pairs of the global batch; the teacher labels them below
                 xb, y = mix(b.x, d.mixup, g)[sh], None
             if d.augment:  # the global batch's translations, this rank's rows
                 xb = shift_by(xb, (shifts[i] if shifts else random_translations(n, d.augment_shift, generator=g))[sh])
             T = value(d.temperature_schedule, step, total, d.temperature)
             alpha = value(d.alpha_schedule, step, total, d.alpha)
-            with accel.autocast(speed, device):
-                if live:
-                    with torch.no_grad():
-                        tb = teacher_logits(teacher, accel.inputs(xb, speed, device)).float()  # K×B×C (+ hint outputs)
-                sl = net(accel.inputs(xb, speed, device)).float()
+            tg = guide.targets(b, sh, xb, y, T, weigh=not finetune)
+            with acc.autocast():
+                sl = net(acc.inputs(xb)).float()
                 feat = hints().float() if hints and not finetune else None
-            z = target_logits(tb, T, tw)  # softmax(z/T) = the soft target p
-            labels = hard_labels(y, tb, tw) if y is not None or len(tb) > 1 else None  # None: argmax of z
-            kd = kd_per_sample(sl.detach(), z, T)  # the KD term per sample (and the replay priority)
+            kd = kd_per_sample(sl.detach(), tg.z, T)  # the KD term per sample (and the replay priority)
             if finetune:  # hard labels only
-                loss = F.cross_entropy(sl, hard_labels(y, tb, tw))
+                loss = F.cross_entropy(sl, tg.hard)
             else:
-                w = b.iw[sh] if torch.is_tensor(b.iw) else b.iw
-                if d.phi:  # φ normalises over the global batch: the teacher's logits of all shards
-                    t_all = dist.gather_shards(tb, sh, n, dim=1) if live else b.t
-                    w = w * phi_weights(guide_logits(t_all, tw), cfg.phi.gamma, cfg.phi.clip, class_freq)[sh]
-                loss = distill_loss(sl, z, T, alpha, w, gamma=d.ce_weight, labels=labels, feature=feat,
+                loss = distill_loss(sl, tg.z, T, alpha, tg.w, gamma=d.ce_weight, labels=tg.labels, feature=feat,
                                     beta=d.feature_weight)
             k = dist.scale(len(xb), n)  # = 1 with one process
             o.zero_grad(set_to_none=True)
@@ -227,7 +276,7 @@ def run(cfg: Config, tracker) -> dict:
             if d.priority and not finetune:
                 batches.update_priority(b, dist.gather_shards(kd, sh, n))
             with torch.no_grad():  # KD (weight α), CE (γ), hints (β): named if NaN/inf
-                ce = F.cross_entropy(sl, z.argmax(1) if labels is None else labels)
+                ce = F.cross_entropy(sl, tg.hard)
                 rows[i] = torch.stack([loss, kd.mean(), ce, feat if feat is not None else torch.zeros_like(ce)]) * k
             if per_step_check:
                 check_steps(rows[i : i + 1], step, epoch)
@@ -244,27 +293,28 @@ def run(cfg: Config, tracker) -> dict:
             judged.eval()
             agree = (judged(pools[0].x).argmax(1) == agree_labels).float().mean().item()
         m = {"loss": (run_loss / data.steps).item(), agree_key: agree, "lr": sc.get_last_lr()[0],
-             "temperature": T, "alpha": alpha, **({"feature_loss": (feat_loss / data.steps).item()} if hints else {})}
+             "temperature": T, "alpha": alpha}
+        if hints:
+            m["feature_loss"] = (feat_loss / data.steps).item()
         history.append({"epoch": epoch, "phase": "finetune" if finetune else "kd", **m})
         tracker.log_metrics(m, step=epoch)
         bar.set_postfix(loss=f"{m['loss']:.3f}", agree=f"{agree:.3f}")
         if resume.writer:  # each node's local rank 0 (nodes need not share a disk: kdpipe/resume.py)
-            resume.save(epoch + 1, epochs, {"student": student.state_dict(), "optimizer": opt.state_dict(),
-                                            "scheduler": sched.state_dict(), "ft_optimizer": ft_opt.state_dict(),
-                                            "ft_scheduler": ft_sched.state_dict(), "priority": [p.priority for p in pools],
-                                            **({"hints": hints.state_dict()} if hints else {}),
-                                            **({"ema": ema.state_dict()} if ema else {}),
-                                            "history": history, "step": step}, g)
+            resume.save(epoch + 1, epochs, {**{k: obj.state_dict() for k, obj in stateful.items()},
+                                            "priority": [p.priority for p in pools], "history": history,
+                                            "step": step}, g)
     if ema:
         student.load_state_dict(ema.module.state_dict())
-    accel.plain(dist.unwrap(student), speed, device)  # plain BatchNorm, contiguous weights
+    acc.plain(dist.unwrap(student))  # plain BatchNorm, contiguous weights
     if hints:  # how far the adapters moved: ‖θ − θ₀‖ over all adapter parameters
         hints.remove()
         tracker.log_metrics({"adapter_delta": float(sum((p.detach() - p0).pow(2).sum() for p, p0 in
                                                         zip(hints.parameters(), adapters0)) ** 0.5)})
-    summary = {"loss": round(history[-1]["loss"], 4), agree_key: round(history[-1][agree_key], 4),
-               **({"route": ROUTE[d.data]} if d.data != "synthetic" else {}),
-               **({"finetune_epochs": d.finetune_epochs} if d.finetune_epochs else {})}
+    summary = {"loss": round(history[-1]["loss"], 4), agree_key: round(history[-1][agree_key], 4)}
+    if d.data != "synthetic":
+        summary["route"] = ROUTE[d.data]
+    if d.finetune_epochs:
+        summary["finetune_epochs"] = d.finetune_epochs
     if not dist.is_main():  # under torchrun rank 0 alone writes outputs
         resume.finish()  # this node's copy of the checkpoint (rank 0's goes once the outputs are written)
         return summary

@@ -74,16 +74,15 @@ def owner_stats(path: str, teacher_sha256: str) -> dict:
 
 
 def run(cfg: Config, tracker) -> dict:
-    s, speed = cfg.synthesize, cfg.speed
+    s = cfg.synthesize
     g = seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    accel.setup(speed, device)
-    teacher, tspec, teacher_digests = load_teachers(cfg, device)  # one teacher, or the ensemble as the guide
-    student = build_model({**tspec, "arch": cfg.student.arch}).to(device)
+    acc = accel.Accel(cfg.speed, pick_device(cfg.device))
+    acc.setup()
+    teacher, tspec, teacher_digests = load_teachers(cfg, acc.device)  # one teacher, or the ensemble as the guide
+    student = build_model({**tspec, "arch": cfg.student.arch}).to(acc.device)
     stats = (standard_stats(teacher) if s.stats == STANDARD_STATS else owner_stats(s.stats, teacher_digest(cfg))) \
         if s.stats else None
-    synth = Synthesizer(s, speed, teacher, student, tspec, device, g, stats, seed=cfg.seed, replay=cfg.replay,
-                        phi=cfg.phi)
+    synth = Synthesizer(s, acc, teacher, student, tspec, g, stats, seed=cfg.seed, replay=cfg.replay, phi=cfg.phi)
     _track_setup(cfg, tracker, tspec, teacher_digests, synth)
 
     # the rounds, resumable: the synthesizer's state is saved every resume.every rounds
@@ -102,7 +101,7 @@ def run(cfg: Config, tracker) -> dict:
         resume.save(r + 1, s.rounds, synth.state_dict(), g)
     synth.close()
     for net in (synth.gen, student):
-        accel.plain(net, speed, device)  # contiguous weights in generator.pt / student.pt
+        acc.plain(net)  # contiguous weights in generator.pt / student.pt
         check_weights("synthesize", net)
     wall, t_gen = time.perf_counter() - t0, synth.t_gen
 

@@ -11,7 +11,7 @@ from kdpipe.utils import save_json, save_torch, sha256_file
 
 
 def run(cfg: Config, tracker) -> dict:
-    g, spec, model, (x, y), (xv, yv) = supervised_setup(cfg, cfg.teacher.arch)
+    g, acc, spec, model, (x, y), (xv, yv) = supervised_setup(cfg, cfg.teacher.arch)
     tracker.log_params({"teacher": cfg.teacher.model_dump(mode="json"), "seed": cfg.seed,
                         "n_params": sum(p.numel() for p in model.parameters())})
     if cfg.teacher.checkpoint:  # bring your own teacher: nothing is trained
@@ -28,7 +28,7 @@ def run(cfg: Config, tracker) -> dict:
     else:
         resume = Resume(cfg, "train-teacher", [paths.PREPARED])  # + the code it runs (kdpipe/resume.py)
         res = fit_supervised(model, x, y, xv, yv, cfg.teacher, tracker, "train-teacher", generator=g, resume=resume,
-                             speed=cfg.speed)
+                             acc=acc)
     res["train_acc"] = accuracy(predict(model, x), y)
     summary = {"val_acc": round(res["val_acc"], 4), "train_acc": round(res["train_acc"], 4),
                **({"skipped": "byo-teacher", "byo": f"{res['route']}:{res['checkpoint_sha256'][:12]}"}

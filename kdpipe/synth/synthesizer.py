@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from kdpipe import accel
+from kdpipe.accel import Accel
 from kdpipe.losses import distill_loss, kd_per_sample
 from kdpipe.models import penultimate
 from kdpipe.synth.bn_hooks import BNPrior
@@ -43,19 +43,19 @@ class Synthesizer:
     """The generator, the proxy student, their optimizers, the BN prior and the buffer (and reservoir) of one
     synthesis run; ``round(r)`` runs round r and returns its metrics; ``state_dict`` is what a resume carries."""
 
-    def __init__(self, s, speed, teacher, student, spec: dict, device, generator: torch.Generator,
+    def __init__(self, s, acc: Accel, teacher, student, spec: dict, generator: torch.Generator,
                  stats: dict | None = None, seed: int = 0, *, replay, phi):
-        self.s, self.speed, self.device, self.g = s, speed, device, generator
+        self.s, self.acc, self.g = s, acc, generator  # acc: the speed knobs on the device (acc.device)
+        device = acc.device
         self.replay, self.phi = replay, phi  # the sections replay and phi (shared with distill)
         self.teacher, self.student = teacher, student
         C, ch, size = spec["num_classes"], spec["in_channels"], spec["image_size"]
         self.num_classes = C
         self.gen = Generator(s.nz, size, ch, s.ngf).to(device)
         for m in (teacher, student, self.gen):
-            accel.frozen_module(m, speed, device)  # the memory format (channels_last on CUDA), in place
-        self.opt_g = accel.adam(self.gen.parameters(), s.lr_g, (s.adam_beta1, s.adam_beta2), speed, device)
-        self.opt_s = accel.sgd(student.parameters(), s.kd_lr, s.kd_momentum, s.kd_weight_decay, speed, device,
-                               s.kd_nesterov)
+            acc.frozen_module(m)  # the memory format (channels_last on CUDA), in place
+        self.opt_g = acc.adam(self.gen.parameters(), s.lr_g, (s.adam_beta1, s.adam_beta2))
+        self.opt_s = acc.sgd(student.parameters(), s.kd_lr, s.kd_momentum, s.kd_weight_decay, s.kd_nesterov)
         self.bn = BNPrior(teacher, s.bn_momentum, stats)
         self.feats: dict = {}  # the teacher's penultimate features, for the DAFL activation term
         self.feat_hook = penultimate(teacher).register_forward_hook(
@@ -78,7 +78,7 @@ class Synthesizer:
 
     def _generator_steps(self, r: int):
         """Step 1: g_steps steps of the generator (and the latent codes) against the teacher."""
-        s, speed, device, g, buf = self.s, self.speed, self.device, self.g, self.buf
+        s, acc, device, g, buf = self.s, self.acc, self.acc.device, self.g, self.buf
         teacher, student = self.teacher, self.student
         if s.balanced_targets and buf.size:  # targets: uniform, or inversely to the buffer's class histogram
             w_t = 1.0 / (buf.histogram().float().cpu() + 1.0)
@@ -89,14 +89,14 @@ class Synthesizer:
         z = torch.randn(s.batch_size, s.nz, generator=g).to(device).requires_grad_(s.lr_z > 0)
         fast = copy.deepcopy(self.gen) if s.meta else self.gen
         betas = (s.adam_beta1, s.adam_beta2)
-        opt = accel.adam(fast.parameters(), s.lr_g, betas, speed, device) if s.meta else self.opt_g
-        opt_z = accel.adam([z], s.lr_z, betas, speed, device) if s.lr_z > 0 else None
+        opt = acc.adam(fast.parameters(), s.lr_g, betas) if s.meta else self.opt_g
+        opt_z = acc.adam([z], s.lr_z, betas) if s.lr_z > 0 else None
         student.eval().requires_grad_(False)  # the adversarial term needs grads through it, not of its weights
         use_adv = s.w_adv > 0 and r >= s.warmup_rounds
         terms = []  # per step: the loss terms, on the device, checked once per round (no host sync per step)
         for _ in range(s.g_steps):
-            with accel.autocast(speed, device):
-                x = accel.inputs(fast(z), speed, device)
+            with acc.autocast():
+                x = acc.inputs(fast(z))
                 if s.jitter:  # DeepInversion's random jitter: the image must hold under small shifts
                     x = shift_by(x, random_translations(len(x), s.jitter, generator=g))
                 t_logits = teacher(x).float()
@@ -147,20 +147,20 @@ class Synthesizer:
 
     def _replay(self, r: int) -> None:
         """Step 4: kd_steps of the proxy student on the buffer (uniform or prioritized), refreshing priorities."""
-        s, buf, student, g = self.s, self.buf, self.student, self.g
+        s, acc, buf, student, g = self.s, self.acc, self.buf, self.student, self.g
         student.train().requires_grad_(True)
         n = min(s.batch_size, s.kd_batch_cap * buf.size)
-        ones = torch.ones(n, device=self.device)
+        ones = torch.ones(n, device=acc.device)
         # uniform draws: the round's indices at once; prioritized ones read the priorities the last step refreshed
-        uniform = None if s.priority else torch.randint(buf.size, (s.kd_steps, n), generator=g).to(self.device)
+        uniform = None if s.priority else torch.randint(buf.size, (s.kd_steps, n), generator=g).to(acc.device)
         kd_losses, kd_first = [], self.kd_step
         rp = self.replay
         for k in range(s.kd_steps):
             beta = anneal_beta(rp.beta0, self.kd_step, self.kd_total)
             idx, iw = buf.sample(n, rp.alpha, beta, g, norm=rp.iw_norm) if uniform is None else (uniform[k], ones)
             xb, tb = buf.images(idx), buf.logits[idx]
-            with accel.autocast(self.speed, self.device):
-                sl = student(accel.inputs(xb, self.speed, self.device)).float()
+            with acc.autocast():
+                sl = student(acc.inputs(xb)).float()
             phi = phi_weights(tb, self.phi.gamma, self.phi.clip, buf.class_freq()) if s.phi else 1.0
             loss = distill_loss(sl, tb, s.temperature, 1.0, iw * phi)
             kd_losses.append(loss.detach())
