@@ -102,6 +102,8 @@ def test_init_dvc_repro_score_lineage(producer, tmp_path):
     assert "no real data" in r.stdout
     assert ("no BatchNorm layers" in r.stdout) == (producer == "keras")
     params = yaml.safe_load((proj / "params.yaml").read_text())
+    # BN folded (keras): the BN prior on standard targets by default; BN kept: the teacher's own statistics
+    assert params["synthesize"]["stats"] == ("standard" if producer == "keras" else None)
     assert params["data"]["name"] == "none" and params["teacher"]["source"] == f"teacher/{teacher.name}"
     assert params["teacher"]["layout"] == ("NHWC" if producer == "keras" else "NCHW")
     dvc = yaml.safe_load((proj / "dvc.yaml").read_text())
@@ -215,16 +217,20 @@ def test_init_with_owner_statistics(tmp_path):
     assert "mean and variance of 3 convolutions over 360 images" in r.stdout
     r = run([KDPIPE, "init", str(tmp_path / "p"), "--teacher", str(KERAS), *card,
              "--set", f"synthesize.stats={tmp_path / 'stats.pt'}"], tmp_path, env=env)
-    assert "no BatchNorm layers" not in r.stdout
+    assert "synthesis uses the data owner's statistics (teacher/stats.pt)" in r.stdout
     params = yaml.safe_load((tmp_path / "p/params.yaml").read_text())
     assert params["synthesize"]["stats"] == "teacher/stats.pt" and params["synthesize"]["w_bn"] == 10.0
     assert "teacher/stats.pt" in yaml.safe_load((tmp_path / "p/dvc.yaml").read_text())["stages"]["synthesize"]["deps"]
     r = run([KDPIPE, "init", str(tmp_path / "q"), "--teacher", str(KERAS), *card, "--set", "synthesize.stats=nope.pt"],
             tmp_path, env=env, check=False)
     assert r.returncode == 2 and "synthesize.stats 'nope.pt' does not exist" in r.stderr
-    r = run([KDPIPE, "init", str(tmp_path / "s"), "--teacher", str(KERAS), *card, "--set", "synthesize.stats=standard"],
-            tmp_path, env=env)  # no owner at all: the standard-normal prior, no file to carry
+    r = run([KDPIPE, "init", str(tmp_path / "s"), "--teacher", str(KERAS), *card], tmp_path, env=env)
+    assert "synthesize.stats: standard" in r.stdout  # no owner at all: the standard-normal prior, no file to carry
     params = yaml.safe_load((tmp_path / "s/params.yaml").read_text())["synthesize"]
     assert params["stats"] == "standard" and params["w_bn"] == 10.0 and params["w_act"] == 0.0
     assert yaml.safe_load((tmp_path / "s/dvc.yaml").read_text())["stages"]["synthesize"]["deps"] == \
         [f"teacher/{KERAS.name}"]
+    r = run([KDPIPE, "init", str(tmp_path / "t"), "--teacher", str(KERAS), *card, "--set", "synthesize.stats=null"],
+            tmp_path, env=env)  # no BN prior at all: the recipe of DAFL terms, image prior and jitter
+    params = yaml.safe_load((tmp_path / "t/params.yaml").read_text())["synthesize"]
+    assert params["stats"] is None and params["w_bn"] == 0.0 and params["w_act"] == 0.1 and params["jitter"] == 0.125
