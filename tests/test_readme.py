@@ -59,6 +59,9 @@ NOT_IN_REPO = {
     "my-project", "keras_teacher.onnx", "my_teacher.pt", "classes.txt", "owner_images", "activation_stats.pt",
     "student.onnx", "opens.txt", "my.yaml", "t2.pt", "path/to/state_dict.pt", "lineage.html", "kdpipe-student/3",
     "n/a", "export/student.onnx", "kdpipe-pipeline/kdpipe-nightly", ".prefect", ".dvc/config.local",  # the user's files in the examples
+    # docs/peer.md: files of Fast-Datafree's own tree and of the peer bench's scratch folder (outside the repo)
+    "train_scratch.py", "fast_meta.py", "evaluators.py", "scripts/fast_cifar.sh", "split.json", "student_last.pt",
+    "fast.json", "teacher/teacher.json",
 }
 EXTS = {".py", ".yaml", ".yml", ".md", ".json", ".csv", ".pt", ".pth", ".onnx", ".png", ".toml", ".txt", ".db",
         ".lock", ".html", ".svg", ".cfg", ".sh"}
