@@ -1,11 +1,13 @@
 """Ablation of the data-free parts on one dataset: each row adds one part (SSD-KD's table shape).
 
     python bench/ablation.py [--config configs/mnist.yaml] [--set key=value ...] [--rows 0,1,4] [--seeds 3] [--first-seed 0]
-                             [--tag small]
+                             [--tag small] [--split val]
 
 Runs prepare + train-teacher once in a scratch folder (seed 0: one teacher for every row), then
 synthesize -> distill -> evaluate per row and per seed (seed = 0..seeds-1, tracking off), and writes
 bench/results/ablation-<data>[-<tag>].json plus a markdown table (mean ± std over the seeds) on stdout.
+``--split val`` scores each student on the validation split (choose settings there) instead of evaluate's test
+split (report the test split once, for the choice made).
 """
 from __future__ import annotations
 
@@ -63,6 +65,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def accuracy(folder: str, split: str) -> float:
+    """Top-1 of the model in ``folder`` (model.pt + spec.json) on a prepared split."""
+    import torch
+
+    from kdpipe.checkpoints import load_model
+    from kdpipe.data import load_split
+
+    x, y = load_split(split, "cpu")
+    model, _ = load_model(Path(folder), "cpu")
+    with torch.no_grad():
+        return (model.eval()(x).argmax(1) == y).float().mean().item()
+
+
 def main() -> int:
     from kdpipe.config import load_config
     from kdpipe.stages import run_stage
@@ -76,6 +91,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=1, help="seeds per row (synthesize + distill); the teacher is seed 0's")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first_seed .. first_seed + seeds - 1")
     ap.add_argument("--tag", default=None, help="suffix of the results file")
+    ap.add_argument("--split", choices=["test", "val"], default="test",
+                    help="the split the student is scored on (val: to choose; test: to report, once)")
     a = ap.parse_args()
     names = list(ROWS)
     picked = [names[int(i)] for i in a.rows.split(",")] if a.rows else names
@@ -103,14 +120,16 @@ def main() -> int:
             run_stage("baseline", cfg_eval)
             run_stage("evaluate", cfg_eval)
             m, syn = load_json("data/reports/metrics.json"), load_json("data/synthetic/meta.json")
-            teacher_acc = m["teacher"]["accuracy"]
-            rows.append({"row": name, "seed": seed, "overrides": extra, "student_acc": m["student"]["accuracy"],
+            teacher_acc, student_acc = m["teacher"]["accuracy"], m["student"]["accuracy"]
+            if a.split == "val":
+                teacher_acc, student_acc = accuracy("data/teacher", "val"), accuracy("data/student", "val")
+            rows.append({"row": name, "seed": seed, "overrides": extra, "split": a.split, "student_acc": student_acc,
                          "class_entropy": syn["class_entropy"], "max_entropy": syn["max_entropy"],
                          "hist_min": min(syn["histogram"]), "hist_max": max(syn["histogram"]),
                          "kept": syn["n"], "synthesized": syn["generated"],
                          "synthesize_s": round(t1 - t0, 1), "distill_s": round(t2 - t1, 1)})
             print(json.dumps(rows[-1]), flush=True)
-    out = {"data": cfg.data.name, "config": Path(a.config).name, "overrides": a.overrides, "teacher_acc": teacher_acc,
+    out = {"data": cfg.data.name, "split": a.split, "config": Path(a.config).name, "overrides": a.overrides, "teacher_acc": teacher_acc,
            **run_info(), "seeds": a.seeds, "rows": rows}
     write_result(out, f"ablation-{cfg.data.name}{'-' + a.tag if a.tag else ''}.json")
     print(f"\n{cfg.data.name}: teacher {teacher_acc:.4f}; device {out['device']}; torch {out['torch']}; commit {out['commit']}; {out['date']}\n")
