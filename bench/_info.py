@@ -36,3 +36,14 @@ def write_result(out: dict, name: str) -> Path:
     path = ROOT / "bench" / "results" / name
     save_json(out, path)
     return path
+
+
+def flat_sets(d: dict, pre: str = ""):
+    """A nested parameter dict as kdpipe's --set items: {"a": {"b": 1}} -> "a.b=1" (values as JSON)."""
+    import json
+
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from flat_sets(v, f"{pre}{k}.")
+        else:
+            yield f"{pre}{k}={json.dumps(v)}"

@@ -38,6 +38,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _info import flat_sets  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
@@ -285,16 +288,9 @@ def kdpipe_env(proj: Path, threads: int) -> dict:
 
 
 def kdpipe_sets(a, tdir: Path, preset: dict, extra: dict) -> list[str]:
-    def flat(d, pre=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{pre}{k}.")
-            else:
-                yield f"{pre}{k}={json.dumps(v)}"
-
     card = {"teacher": {"source": TEACHER, "input_size": 32, "channels": 3, "range": [0, 1], "mean": MEAN, "std": STD,
                         "classes": str(tdir / "classes.txt")}, "student": {"arch": STUDENT}}
-    sets = list(flat(card)) + list(flat(preset)) + list(flat(extra))
+    sets = list(flat_sets(card)) + list(flat_sets(preset)) + list(flat_sets(extra))
     return [x for s in sets for x in ("--set", s)]
 
 

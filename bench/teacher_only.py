@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _info import run_info, write_result  # noqa: E402
+from _info import flat_sets, run_info, write_result  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -49,13 +49,7 @@ def main() -> None:
 
     sets = list(a.sets)
     if a.preset:
-        def flat(d, pre=""):
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    yield from flat(v, f"{pre}{k}.")
-                else:
-                    yield f"{pre}{k}={json.dumps(v)}"
-        sets = list(flat(yaml.safe_load(Path(a.preset).read_text()))) + sets
+        sets = list(flat_sets(yaml.safe_load(Path(a.preset).read_text()))) + sets
     proj = Path(a.workdir) / a.tag
     if proj.exists():
         raise SystemExit(f"{proj} exists: pick another --tag or remove it")
