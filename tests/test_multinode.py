@@ -179,7 +179,9 @@ def test_two_nodes_distill_like_one_and_resume_after_a_node_is_killed(tmp_path):
     for i in (0, 1):
         log = nodes.text(i)
         assert f"distill: resumed from {RESUME}" in log and f"after epoch {epoch}" in log, nodes.said()
-    assert "sent to rank" in nodes.said()  # node 1 had no file: it got node 0's copy
+    # node 1 had no file: it got node 0's copy (the whole logs: said() keeps only their tails, where an agent's
+    # shutdown traceback, e.g. c10d's RendezvousConnectionError when the store's host leaves first, can push it out)
+    assert any("sent to rank" in nodes.text(i) for i in (0, 1)), nodes.said()
     resumed = student([a, b])
     assert all(torch.equal(full[k], resumed[k]) for k in full), \
         {k: (full[k].double() - resumed[k].double()).abs().max().item() for k in full}
