@@ -165,7 +165,7 @@ def mapping_check(fast_dir: Path, teacher_fast: Path, teacher_kd: Path) -> dict:
     res = {}
     # teacher: Fast's checkpoint in Fast's definition vs kdpipe's card loader (zoo resnet20 + Fast's normalisation)
     tf = rt.resnet20(num_classes=10).eval()
-    tf.load_state_dict(torch.load(teacher_fast, map_location="cpu", weights_only=False)["state_dict"])
+    tf.load_state_dict(torch.load(teacher_fast, map_location="cpu", weights_only=True)["state_dict"])
     cfg = TeacherCfg(source=TEACHER, checkpoint=str(teacher_kd), input_size=32, channels=3, range=[0, 1], mean=MEAN, std=STD, classes=CLASSES)
     tk, _ = load_card(cfg)
     with torch.no_grad():
@@ -230,7 +230,7 @@ def setup(a) -> None:
         (tdir / "teacher.json").write_text(json.dumps(info, indent=2))
     tkd = tdir / f"{TEACHER}_kdpipe.pt"
     if not tkd.exists():
-        sd = torch.load(tfast, map_location="cpu", weights_only=False)["state_dict"]
+        sd = torch.load(tfast, map_location="cpu", weights_only=True)["state_dict"]
         torch.save(fast_to_kdpipe(sd, 3), tkd)
     check = mapping_check(Path(a.fast), tfast, tkd)
     (tdir / "mapping_check.json").write_text(json.dumps(check, indent=2))
@@ -241,7 +241,7 @@ def setup(a) -> None:
     if not (tdir / "teacher.onnx").exists():
         rt = _fast_modules(Path(a.fast))
         tf = rt.resnet20(num_classes=10)
-        tf.load_state_dict(torch.load(tfast, map_location="cpu", weights_only=False)["state_dict"])
+        tf.load_state_dict(torch.load(tfast, map_location="cpu", weights_only=True)["state_dict"])
         export_onnx(tf, tdir / "teacher.onnx")
     print("setup done:", tdir, flush=True)
 

@@ -80,8 +80,11 @@ def run(cfg: Config, tracker) -> dict:
     acc.setup()
     teacher, tspec, teacher_digests = load_teachers(cfg, acc.device)  # one teacher, or the ensemble as the guide
     student = build_model({**tspec, "arch": cfg.student.arch}).to(acc.device)
-    stats = (standard_stats(teacher) if s.stats == STANDARD_STATS else owner_stats(s.stats, teacher_digest(cfg))) \
-        if s.stats else None
+    stats = None  # the BN prior's targets for a teacher without BN: none, N(0, 1), or the data owner's
+    if s.stats == STANDARD_STATS:
+        stats = standard_stats(teacher)
+    elif s.stats:
+        stats = owner_stats(s.stats, teacher_digest(cfg))
     synth = Synthesizer(s, acc, teacher, student, tspec, g, stats, seed=cfg.seed, replay=cfg.replay, phi=cfg.phi)
     _track_setup(cfg, tracker, tspec, teacher_digests, synth)
 
