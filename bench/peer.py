@@ -251,18 +251,16 @@ _CACHE: dict = {}
 
 
 def load_folder(folder: Path):
+    """The images of an ImageFolder split (kdpipe.score.read_folder: the reader `kdpipe score` uses) in Fast's
+    normalisation, and their labels; read once per folder."""
     import numpy as np
-    from PIL import Image
+
+    from kdpipe.score import read_folder
 
     if folder not in _CACHE:
-        xs, ys = [], []
-        for i, c in enumerate(CLASSES):
-            for p in sorted((folder / c).iterdir()):
-                xs.append(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)
-                ys.append(i)
-        x = np.stack(xs).transpose(0, 3, 1, 2)
-        x = (x - np.array(MEAN, np.float32).reshape(1, 3, 1, 1)) / np.array(STD, np.float32).reshape(1, 3, 1, 1)
-        _CACHE[folder] = (np.ascontiguousarray(x, dtype=np.float32), np.array(ys))
+        x, y, _ = read_folder(folder, CLASSES, 3, 32)
+        x = (x.numpy() - np.array(MEAN, np.float32).reshape(1, 3, 1, 1)) / np.array(STD, np.float32).reshape(1, 3, 1, 1)
+        _CACHE[folder] = (np.ascontiguousarray(x, dtype=np.float32), y.numpy())
     return _CACHE[folder]
 
 
