@@ -332,7 +332,10 @@ def kdpipe_plan(a, tdir: Path, preset: dict, budget_s: float) -> tuple[dict, Pat
     epochs), then
         rounds = floor((synth_share · B − a_s) / b_s);  kept = min(capacity, rounds · batch_size)
         epochs = max(1, floor(((1 − synth_share) · B − a_d) / (b_d · kept)))"""
-    key = hashlib.sha256(json.dumps(["v2", preset, platform.node(), a.threads], sort_keys=True).encode()).hexdigest()[:12]
+    # the cost per round and per distilled image: the buffer's capacity and the flip leave them as they are
+    free = {("synthesize", "capacity"), ("distill", "flip")}
+    cost = {s: {k: v for k, v in d.items() if (s, k) not in free} if isinstance(d, dict) else d for s, d in preset.items()}
+    key = hashlib.sha256(json.dumps(["v2", cost, platform.node(), a.threads], sort_keys=True).encode()).hexdigest()[:12]
     cache = Path(a.work) / f"calib-{key}.json"
     syn = preset.get("synthesize", {})
     bs, cap = int(syn.get("batch_size", 256)), int(syn.get("capacity", 4096))
@@ -383,6 +386,13 @@ def run(a) -> None:
     shutil.rmtree(rdir, ignore_errors=True)
     rdir.mkdir(parents=True)
     preset = yaml.safe_load(Path(a.preset).read_text()) or {}
+    for item in a.set:  # --set section.key=value on top of the preset (a lever row)
+        keys, _, value = item.partition("=")
+        *parents, last = keys.split(".")
+        node = preset
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = yaml.safe_load(value)
     info = run_info(a.threads)
     out = {"tag": tag, **info, "kdpipe_commit": info["commit"],
            "fast_datafree_commit": commit_of(Path(a.fast_git)) if Path(a.fast_git).exists() else None,
@@ -489,6 +499,7 @@ def main() -> None:
     r.add_argument("--preset", default=str(HERE / "presets" / "peer-cifar10.yaml"), help="kdpipe parameters")
     r.add_argument("--synth-share", type=float, default=0.8, help="kdpipe: share of the budget for synthesize")
     r.add_argument("--calib-rounds", default="2,6", help="rounds of the two calibration projects (first use only)")
+    r.add_argument("--set", action="append", default=[], help="kdpipe parameter over the preset, key=value (repeatable)")
     r.add_argument("--only", default="fast,kdpipe")
     r.add_argument("--force", action="store_true")
     a = ap.parse_args()

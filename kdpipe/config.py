@@ -198,6 +198,7 @@ class DistillCfg(_Section):
     phi: bool = False  # weight per-sample KD by the modulating function φ (off: see docs/benchmarks.md)
     augment: bool = False  # random shifts of the synthetic images, re-labelled by the frozen teacher
     augment_shift: float = Field(0.125, gt=0, lt=0.5)  # with augment: shifts up to ±augment_shift of the image size
+    flip: bool = False  # mirror each synthetic image left-right with probability ½, re-labelled by the frozen teacher
     # mixup of the batch's images, x = λ·x_i + (1 − λ)·x_j, λ ~ Beta(mixup, mixup), re-labelled by the frozen teacher
     # (function matching, Beyer et al. 2022); 0: off
     mixup: float = Field(0.0, ge=0)

@@ -366,3 +366,28 @@ def test_distill_mixup_relabels_the_mixed_images_with_the_teacher(proj, base):
     assert math.isfinite(mixed["loss"]) and mixed["loss"] != plain["loss"]
     _, run = last_run(base)
     assert run.data.params["distill.mixup"] == "0.4"
+
+
+# ------------------------------------------------------------------ flip (natural images)
+def test_flips_mirror_about_half_the_rows_and_only_those():
+    """flips(n, g): each row with probability ½ (n = 10,000: standard error 0.005), the same g the same draws;
+    flip_rows reverses the width of exactly the drawn rows."""
+    from kdpipe.stages.distill import flip_rows, flips
+
+    f = flips(10_000, torch.Generator().manual_seed(0))
+    assert f.float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert torch.equal(f, flips(10_000, torch.Generator().manual_seed(0)))
+    x = torch.arange(4 * 2 * 3 * 5, dtype=torch.float32).view(4, 2, 3, 5)
+    out = flip_rows(x, torch.tensor([True, False, True, False]))
+    assert torch.equal(out[0], x[0, :, :, [4, 3, 2, 1, 0]]) and torch.equal(out[2], x[2].flip(-1))
+    assert torch.equal(out[1], x[1]) and torch.equal(out[3], x[3])
+
+
+def test_distill_flip_relabels_the_mirrored_images_with_the_teacher(proj, base):
+    """With distill.flip the teacher runs on each (half-mirrored) batch: the run differs from the plain one, stays
+    finite, and logs the key."""
+    plain = distill("distill.init=scratch")
+    flipped = distill("distill.init=scratch", "distill.flip=true")
+    assert math.isfinite(flipped["loss"]) and flipped["loss"] != plain["loss"]
+    _, run = last_run(base)
+    assert run.data.params["distill.flip"] == "True"

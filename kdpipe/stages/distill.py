@@ -9,8 +9,9 @@ Per batch (kdpipe.losses.distill_loss):
        hint loss of ``distill.hints`` through learned adapters (kdpipe/feature_kd.py);
   w_i: prioritized-replay importance weights, φ_i SSD-KD's modulating function (1 when off).
 Data (``distill.data``, kdpipe/routes.py): the synthetic set (default: data-free, never the real
-data), the real train split, or mixed batches. With ``augment`` the images are randomly shifted
-and the frozen teacher(s) label them again; so they do, on each batch, when hints are used. With
+data), the real train split, or mixed batches. With ``augment`` the images are randomly shifted, with
+``flip`` half of them mirrored left-right (natural images, not digits), and the frozen teacher(s) label
+them again; so they do, on each batch, when hints are used. With
 ``mixup`` = a the KD phase's global batch is mixed first, x_i ← λ_i·x_i + (1 − λ_i)·x_π(i), λ_i ~ Beta(a, a),
 π a random permutation, and the teacher labels the mixed images (function matching, Beyer et al. 2022:
 the student matches the teacher between the samples too; hard labels become the teacher's argmax).
@@ -103,6 +104,17 @@ def mix(x: torch.Tensor, a: float, g: torch.Generator) -> torch.Tensor:
         lam = torch.distributions.Beta(a, a).sample((len(x),))
     lam = lam.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
     return lam * x + (1 - lam) * x[perm.to(x.device)]
+
+
+def flips(n: int, g: torch.Generator) -> torch.Tensor:
+    """Which rows of a global batch of n are mirrored left-right: each with probability ½, drawn from ``g``
+    (so every rank flips the global batch alike)."""
+    return torch.rand(n, generator=g) < 0.5
+
+
+def flip_rows(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """x_i ← x_i[..., ::-1] (the width reversed) where f_i."""
+    return torch.where(f.to(x.device).view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
 
 def check_steps(rows: torch.Tensor, first_step: int, epoch: int) -> None:
@@ -202,7 +214,7 @@ def run(cfg: Config, tracker) -> dict:
     # hooks after the wrap: on the modules that run (BatchNorm swapped for its global-batch version)
     hints = FeatureKD(first_member(teacher), student, d.hints, d.feature_loss,
                       example=pools[0].x[: d.batch_size]) if d.feature_weight > 0 else None
-    live = d.augment or d.mixup > 0 or hints is not None  # the teacher runs on each batch
+    live = d.augment or d.flip or d.mixup > 0 or hints is not None  # the teacher runs on each batch
     guide = Guide(teacher, tw, acc, live, cfg.phi if d.phi else None,
                   class_freq=torch.softmax(guide_logits(pools[0].t, tw), 1).mean(0))
     adapters0 = [p.detach().clone() for p in hints.parameters()] if hints else []
@@ -252,6 +264,8 @@ def run(cfg: Config, tracker) -> dict:
                 xb, y = mix(b.x, d.mixup, g)[sh], None
             if d.augment:  # the global batch's translations, this rank's rows
                 xb = shift_by(xb, (shifts[i] if shifts else random_translations(n, d.augment_shift, generator=g))[sh])
+            if d.flip:  # the global batch's mirror draws, this rank's rows
+                xb = flip_rows(xb, flips(n, g)[sh])
             T = value(d.temperature_schedule, step, total, d.temperature)
             alpha = value(d.alpha_schedule, step, total, d.alpha)
             tg = guide.targets(b, sh, xb, y, T, weigh=not finetune)
