@@ -324,14 +324,26 @@ def _fit(points: list) -> tuple[float, float]:
     return a, b
 
 
+def _fit_distill(points: list) -> tuple[float, float, float]:
+    """distill_s = a + c·kept + b·kept·epochs over the observed (kept, epochs, seconds) points, a, b, c >= 0
+    (scipy's non-negative least squares)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    m = np.array([[1.0, k, k * e] for k, e, _ in points])
+    (a, c, b), _ = nnls(m, np.array([p[2] for p in points], dtype=float))
+    return float(a), float(c), float(b)
+
+
 def kdpipe_plan(a, tdir: Path, preset: dict, budget_s: float) -> tuple[dict, Path]:
     """rounds and epochs for a budget, from measured stage walls (cached per preset, machine and threads in
     <work>/calib-*.json; every run adds its own walls, so the fit sharpens):
-        synthesize_s = a_s + b_s · rounds            distill_s = a_d + b_d · kept · epochs
-    fitted by least squares (first: two calibration projects, ``--calib-rounds`` R1,R2 with 1 and 2 distill
-    epochs), then
+        synthesize_s = a_s + b_s · rounds                    (points of the same capacity where there are some)
+        distill_s    = a_d + c_d · kept + b_d · kept · epochs (c_d: the teacher's logits and the set's loading, once)
+    fitted by (non-negative) least squares (first: two calibration projects, ``--calib-rounds`` R1,R2 with 1 and 2
+    distill epochs), then
         rounds = floor((synth_share · B − a_s) / b_s);  kept = min(capacity, rounds · batch_size)
-        epochs = max(1, floor(((1 − synth_share) · B − a_d) / (b_d · kept)))"""
+        epochs = max(1, floor(((1 − synth_share) · B − a_d − c_d · kept) / (b_d · kept)))"""
     # the cost per round and per distilled image: the buffer's capacity and the flip leave them as they are
     free = {("synthesize", "capacity"), ("distill", "flip")}
     cost = {s: {k: v for k, v in d.items() if (s, k) not in free} if isinstance(d, dict) else d for s, d in preset.items()}
@@ -348,16 +360,18 @@ def kdpipe_plan(a, tdir: Path, preset: dict, budget_s: float) -> tuple[dict, Pat
             r = kdpipe_project(a, tdir, proj, preset, {"synthesize": {"rounds": r_cal}, "distill": {"epochs": i + 1},
                                                         "seed": 0})
             kept = min(cap, r_cal * bs)
-            cal["synth"].append([r_cal, r["stage_s"]["synthesize"]])
-            cal["distill"].append([kept * (i + 1), r["stage_s"]["distill"]])
+            cal["synth"].append([r_cal, r["stage_s"]["synthesize"], cap])
+            cal["distill"].append([kept, i + 1, r["stage_s"]["distill"]])
             cal["source"].append(f"calibration {proj.name} {date.today().isoformat()}")
         cache.write_text(json.dumps(cal, indent=2))
-    a_s, b_s = _fit(cal["synth"])
-    a_d, b_d = _fit(cal["distill"])
+    same = [p[:2] for p in cal["synth"] if p[2] == cap]
+    a_s, b_s = _fit(same or [p[:2] for p in cal["synth"]])
+    a_d, c_d, b_d = _fit_distill(cal["distill"])
     rounds = max(1, math.floor((a.synth_share * budget_s - a_s) / b_s))
     kept = min(cap, rounds * bs)
-    epochs = max(1, math.floor(((1 - a.synth_share) * budget_s - a_d) / (b_d * kept)))
-    fit = {"a_s": round(a_s, 2), "b_s": round(b_s, 3), "a_d": round(a_d, 2), "b_d": round(b_d, 6)}
+    epochs = max(1, math.floor(((1 - a.synth_share) * budget_s - a_d - c_d * kept) / (b_d * kept)))
+    fit = {"a_s": round(a_s, 2), "b_s": round(b_s, 3), "a_d": round(a_d, 2), "c_d": round(c_d, 6), "b_d": round(b_d, 6),
+           "synth_points_same_capacity": len(same)}
     return {"rounds": rounds, "epochs": epochs, "kept_planned": kept, "fit": fit, "points": cal,
             "synth_share": a.synth_share, "cache": str(cache)}, cache
 
@@ -435,8 +449,8 @@ def run(a) -> None:
         shutil.copy(proj / "data" / "export" / "student.onnx", onnx_dir / "kdpipe_student.onnx")
         s = r["stage_s"]
         cal = json.loads(cache.read_text())  # this run's walls sharpen the next plan
-        cal["synth"].append([plan["rounds"], s["synthesize"]])
-        cal["distill"].append([plan["kept_planned"] * plan["epochs"], s["distill"]])
+        cal["synth"].append([plan["rounds"], s["synthesize"], int(preset.get("synthesize", {}).get("capacity", 4096))])
+        cal["distill"].append([plan["kept_planned"], plan["epochs"], s["distill"]])
         cal["source"].append(f"run {tag}")
         cache.write_text(json.dumps(cal, indent=2))
         meta = json.loads((proj / "data" / "synthetic" / "meta.json").read_text())
