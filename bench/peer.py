@@ -415,7 +415,7 @@ def run(a) -> None:
            "split": json.loads((split / "split.json").read_text()),
            "teacher_info": json.loads((tdir / "teacher.json").read_text()),
            "mapping_check": json.loads((tdir / "mapping_check.json").read_text()),
-           "load_1min_start": os.getloadavg()[0]}
+           "load_1min_start": os.getloadavg()[0], "kdpipe_set": a.set, "only": a.only}
     onnx_dir = rdir / "onnx"
     onnx_dir.mkdir()
 
@@ -489,6 +489,44 @@ def run(a) -> None:
     print(path)
 
 
+def table(a) -> None:
+    """One markdown table per budget from bench/results/peer-*.json: each implementation and configuration (the
+    tag without its seed), per seed val / test / test÷teacher, images made, data-free wall; then the mean and the
+    spread (max − min) over the seeds. Test is shown only for the configurations named in ``--test`` (the choices
+    made on val, and Fast's rows): a lever row is read on val only."""
+    import re
+    from statistics import mean
+
+    rows: dict = {}
+    for f in sorted((HERE / "results").glob("peer-*.json")):
+        d = json.loads(f.read_text())
+        if "smoke" in d["tag"] or "scores" not in d:
+            continue
+        config = re.sub(r"-s\d+(?=-|$)", "", d["tag"])
+        for impl in ("fast", "kdpipe"):
+            if impl in d["scores"]:
+                sc, run_ = d["scores"][impl], d.get(impl, {})
+                rows.setdefault((d["budget_s"], impl, config), []).append(
+                    (d["seed"], sc["val"], sc["test"], sc["test_over_teacher"], run_.get("synthetic_images", "-"),
+                     run_.get("datafree_s", "-")))
+    for budget in sorted({k[0] for k in rows}):
+        print(f"\n{budget / 60:g} minutes\n")
+        print("| implementation | configuration | seed | val | test (of teacher) | images made | data-free s |")
+        print("|---|---|---|---|---|---|---|")
+        for (b, impl, config), rs in sorted(rows.items()):
+            if b != budget:
+                continue
+            shown = impl == "fast" or config in a.test.split(",")
+            for seed, val, test, ratio, n, wall in sorted(rs):
+                t = f"{test:.4f} ({ratio:.3f})" if shown else "not read"
+                print(f"| {impl} | {config} | {seed} | {val:.4f} | {t} | {n} | {wall} |")
+            tests, vals = [r[2] for r in rs], [r[1] for r in rs]
+            t = (f"**{mean(tests):.4f}** ({mean(r[3] for r in rs):.3f}), spread {max(tests) - min(tests):.4f}" if shown
+                 else "not read")
+            print(f"| {impl} | {config} | mean of {len(rs)} | {mean(vals):.4f}, spread {max(vals) - min(vals):.4f} "
+                  f"| {t} | | |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/work/peer", help="scratch folder outside the repository")
@@ -516,8 +554,10 @@ def main() -> None:
     r.add_argument("--set", action="append", default=[], help="kdpipe parameter over the preset, key=value (repeatable)")
     r.add_argument("--only", default="fast,kdpipe")
     r.add_argument("--force", action="store_true")
+    t = sub.add_parser("table", help="the markdown tables of bench/results/peer-*.json")
+    t.add_argument("--test", default="", help="configurations (tags without the seed) whose test split is shown")
     a = ap.parse_args()
-    setup(a) if a.cmd == "setup" else run(a)
+    {"setup": setup, "run": run, "table": table}[a.cmd](a)
 
 
 if __name__ == "__main__":
