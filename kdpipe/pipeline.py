@@ -14,7 +14,8 @@ Retry rule (``transient``), the same for both callers: a stage is retried (``RET
 ~5 s then ~10 s, ±50 % jitter; KDPIPE_RETRY_BACKOFF_S sets the 5) only on a transient fault. Not
 retried, since a re-run fails the same way: a config or data error (ConfigError, DataError: the CLI's
 exit 2), a NaN/inf stop (FloatingPointError: exit 1, "stopped:"), an export that failed its onnxruntime
-check (ExportError). Anything else is taken as transient: an OSError (a disk, a tracking server or a
+check (ExportError), a fault in the code itself (AttributeError, TypeError, NameError, ImportError,
+AssertionError, NotImplementedError: ``stages.CODE_ERRORS``). Anything else is taken as transient: an OSError (a disk, a tracking server or a
 DVC remote briefly away), a stage process killed by a signal (the OOM killer, a preempted node), DVC's
 own failures (its repo lock held by another process). (A stage's own ``check_tracking`` raises a
 ConfigError, so a tracking server that goes away between preflight and a stage's start is not retried.)

@@ -30,7 +30,9 @@ def test_retry_rule():
     assert transient(OSError("connection refused: http://mlflow:5000"))
     assert transient(StageFailed("'dvc repro --single-item distill' failed with exit code 255"))
     for err in (ConfigError("unknown key 'distill.x'"), DataError("data.root missing"),
-                FloatingPointError("nan"), ExportError("onnx parity")):
+                FloatingPointError("nan"), ExportError("onnx parity"),
+                AttributeError("'DistillCfg' object has no attribute 'flip'"), TypeError("f() got 2 arguments"),
+                ImportError("No module named 'onnx2torch'")):
         assert not transient(err)
 
 

@@ -46,16 +46,21 @@ def _check_dvc_deps(name: str, cfg: Config) -> None:
         dag.check(cfg)
 
 
+# a fault in the code (or in the installed packages) itself: the same inputs fail the same way
+CODE_ERRORS = (AttributeError, TypeError, NameError, ImportError, AssertionError, NotImplementedError)
+
+
 def _permanent_kinds() -> dict:
     """The failures re-running cannot fix, by the kind name a stage writes to KDPIPE_FAILURE_FILE."""
     from kdpipe.config import ConfigError
     from kdpipe.errors import DataError, ExportError
 
-    return {"config": ConfigError, "data": DataError, "stopped": FloatingPointError, "export": ExportError}
+    return {"config": ConfigError, "data": DataError, "stopped": FloatingPointError, "export": ExportError,
+            "code": CODE_ERRORS}
 
 
 def failure_kind(exc: BaseException) -> str | None:
-    """"config" | "data" | "stopped" (NaN/inf) | "export" for a failure re-running cannot fix, else None."""
+    """"config" | "data" | "stopped" (NaN/inf) | "export" | "code" for a failure re-running cannot fix, else None."""
     return next((k for k, cls in _permanent_kinds().items() if isinstance(exc, cls)), None)
 
 
@@ -65,7 +70,8 @@ def read_failure(path) -> Exception | None:
         from pathlib import Path
 
         rec = json.loads(Path(path).read_text())
-        return _permanent_kinds()[rec["kind"]](rec["message"])
+        cls = _permanent_kinds()[rec["kind"]]
+        return (cls[0] if isinstance(cls, tuple) else cls)(rec["message"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -78,7 +84,8 @@ def run_stage(name: str, cfg: Config) -> dict:
         if path and kind:
             with contextlib.suppress(OSError):
                 with open(path, "w") as f:
-                    json.dump({"stage": name, "kind": kind, "message": str(e)}, f)
+                    msg = f"{type(e).__name__}: {e}" if kind == "code" else str(e)  # the type, kept in the text
+                    json.dump({"stage": name, "kind": kind, "message": msg}, f)
         raise
 
 
