@@ -527,6 +527,42 @@ def table(a) -> None:
                   f"| {t} | | |")
 
 
+def guard(a) -> None:
+    """Re-run kdpipe's side of a recorded configuration (``--config``: a tag without its ``-sN``; its recorded
+    preset, ``--set`` items and synthesize share, every recorded seed at once, one thread each) and exit 1 when the
+    new mean val accuracy is under the recorded mean by more than max(2 × the recorded spread over seeds, --tol):
+    the benchmark that catches a silent drop of the data-free recipe (new rows: peer-<config>-guard-sN.json)."""
+    import re
+    from statistics import mean
+
+    def of(config):
+        return [d for d in (json.loads(f.read_text()) for f in sorted((HERE / "results").glob("peer-*.json")))
+                if re.sub(r"-s\d+(?=-|$)", "", d["tag"]) == config and "kdpipe" in d.get("scores", {})]
+
+    ref = of(a.config)
+    if not ref:
+        raise SystemExit(f"no recorded kdpipe rows for configuration {a.config!r} in bench/results/peer-*.json")
+    procs = []
+    for d in ref:
+        preset = Path(a.work) / "runs" / f"guard-{a.config}-s{d['seed']}.yaml"
+        preset.parent.mkdir(parents=True, exist_ok=True)
+        preset.write_text(yaml.safe_dump(d["kdpipe"]["preset"]))
+        cmd = [sys.executable, __file__, "--work", a.work, "--threads", str(a.threads), "run",
+               "--budget-min", f"{d['budget_s'] / 60:g}", "--seed", str(d["seed"]), "--tag",
+               f"{a.config}-guard-s{d['seed']}", "--only", "kdpipe", "--preset", str(preset),
+               "--synth-share", str(d["kdpipe"]["plan"]["synth_share"]), "--force"]
+        procs.append(subprocess.Popen(cmd, env=env_1t(a.threads)))
+    if any(p.wait() for p in procs):
+        raise SystemExit("a guard run failed (its output is above)")
+    new = of(f"{a.config}-guard")
+    old_v, new_v = [d["scores"]["kdpipe"]["val"] for d in ref], [d["scores"]["kdpipe"]["val"] for d in new]
+    floor = mean(old_v) - max(2 * (max(old_v) - min(old_v)), a.tol)
+    print(f"| {a.config} | recorded val {mean(old_v):.4f} (seeds {len(old_v)}, spread {max(old_v) - min(old_v):.4f}) "
+          f"| now {mean(new_v):.4f} | floor {floor:.4f} | {'ok' if mean(new_v) >= floor else 'DROP'} |")
+    if mean(new_v) < floor:
+        raise SystemExit(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/work/peer", help="scratch folder outside the repository")
@@ -556,8 +592,11 @@ def main() -> None:
     r.add_argument("--force", action="store_true")
     t = sub.add_parser("table", help="the markdown tables of bench/results/peer-*.json")
     t.add_argument("--test", default="", help="configurations (tags without the seed) whose test split is shown")
+    g = sub.add_parser("guard", help="re-run a recorded kdpipe configuration; exit 1 on a drop beyond its spread")
+    g.add_argument("--config", required=True, help="a configuration: the tag of its rows without -sN, e.g. b15-tuned")
+    g.add_argument("--tol", type=float, default=0.01, help="the smallest drop that fails (val accuracy)")
     a = ap.parse_args()
-    {"setup": setup, "run": run, "table": table}[a.cmd](a)
+    {"setup": setup, "run": run, "table": table, "guard": guard}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ class SynthesizeCfg(_Section):
     ngf: int = Field(32, ge=8)  # generator width
     lr_g: float = Field(3e-3, gt=0)  # generator Adam learning rate
     lr_z: float = Field(1e-2, ge=0)  # 0: latent codes are not optimised
+    # the generator's input: "noise" (z ~ N(0, I), optimised at lr_z) | "nayer": NAYER's noisy layer over a fixed
+    # class embedding, re-drawn each round and trained at lr_g (kdpipe/synth/generator.py::NoisyLatent; lr_z unused)
+    latent: Literal["noise", "nayer"] = "noise"
     # loss weights (0 switches a term off)
     w_ce: float = Field(1.0, ge=0)  # weight of CE to the sampled target classes
     w_bn: float = Field(10.0, ge=0)  # weight of the BN-statistics prior (DeepInversion)

@@ -179,7 +179,7 @@ def test_reservoir_fills_then_resumes_bit_for_bit():
     assert st["x"].dtype == torch.uint8 and len(st["x"]) == 10 and torch.equal(st["x"], r.x)
 
 
-def _tiny_synthesizer(momentum: float):
+def _tiny_synthesizer(momentum: float, **update):
     from kdpipe.accel import Accel
     from kdpipe.config import Config
     from kdpipe.synth.synthesizer import Synthesizer
@@ -194,7 +194,7 @@ def _tiny_synthesizer(momentum: float):
                             nn.Linear(4, 3))
     cfg = Config()
     s = cfg.synthesize.model_copy(update=dict(capacity=16, rounds=2, batch_size=8, g_steps=3, kd_steps=2,
-                                              warmup_rounds=0, nz=8, ngf=8, bn_momentum=momentum))
+                                              warmup_rounds=0, nz=8, ngf=8, bn_momentum=momentum, **update))
     spec = {"num_classes": 3, "in_channels": 1, "image_size": 8}
     acc = Accel(cfg.speed, torch.device("cpu"))
     return Synthesizer(s, acc, teacher, student, spec, torch.Generator().manual_seed(0), replay=cfg.replay, phi=cfg.phi)
@@ -244,3 +244,36 @@ def test_bn_momentum_statistics_move_once_per_round_not_on_the_buffer_forward():
     assert torch.equal(fresh.bn.hooks[0].mean_prev, golden_mean) and torch.equal(fresh.bn.hooks[0].var_prev, golden_var)
     synth.close()
     fresh.close()
+
+
+# ------------------------------------------------------------------ NAYER's noisy layer (synthesize.latent: nayer)
+def test_noisy_latent_gives_each_same_class_sample_its_own_layer():
+    """z_i = W_{k_i}·e_{y_i} + b_{k_i}, k_i = i's rank among the batch's samples of class y_i: the exact value, one
+    layer per rank (K = the largest class count), and distinct codes for two samples of one class."""
+    from kdpipe.synth.generator import NoisyLatent
+
+    lat = NoisyLatent(num_classes=3, nz=4, seed=0)
+    y = torch.tensor([2, 0, 2, 2, 1, 0])
+    assert NoisyLatent.ranks(y).tolist() == [0, 0, 1, 2, 0, 1]
+    lat.reset(y, torch.Generator().manual_seed(0))
+    assert lat.weight.shape == (3, 4, 4) and torch.equal(lat.bias, torch.zeros(3, 4))
+    z = lat(y)
+    assert torch.allclose(z[3], lat.weight[2] @ lat.emb[2]) and torch.allclose(z[5], lat.weight[1] @ lat.emb[0])
+    assert not torch.allclose(z[0], z[2]) and torch.equal(lat.emb, NoisyLatent(3, 4, seed=0).emb)
+    z.sum().backward()  # the layers learn within the round
+    assert lat.weight.grad is not None and lat.weight.grad.abs().sum() > 0
+
+
+def test_nayer_rounds_draw_new_layers_and_train_them():
+    """With latent: nayer each round re-draws the noisy layers (so two rounds start from different codes); the
+    rounds' images enter the buffer with finite logits; noise mode has no noisy layer."""
+    synth = _tiny_synthesizer(0.9, latent="nayer")
+    synth.round(0)
+    w0 = synth.latent.weight.detach().clone()
+    synth.round(1)
+    assert synth.latent.weight.shape[1:] == (8, 8) and not torch.allclose(w0[:1], synth.latent.weight.detach()[:1])
+    assert synth.buf.size == 16 and torch.isfinite(synth.buf.logits).all()
+    plain = _tiny_synthesizer(0.9)
+    assert plain.latent is None
+    synth.close()
+    plain.close()

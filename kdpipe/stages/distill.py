@@ -55,7 +55,7 @@ from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import anneal_beta
 from kdpipe.teachers import Ensemble, first_member, guide_logits, hard_labels, load_teachers, target_logits, teacher_logits
 from kdpipe.teachers import teacher_digest, teacher_files
-from kdpipe.train import check_finite_steps, check_weights, random_translations, shift_by
+from kdpipe.train import check_finite_steps, check_weights, predict, random_translations, shift_by
 from kdpipe.utils import atomic_path, load_torch, pick_device, save_json, save_torch, seed_everything, sha256_file
 
 ROUTE = {"synthetic": "data-free", "real": "kd-real", "mixed": "kd-mixed"}  # the kdpipe.route tag
@@ -304,8 +304,7 @@ def run(cfg: Config, tracker) -> dict:
         dist.all_reduce_mean(feat_loss)
         with torch.no_grad():
             judged = ema.module if ema else student  # the student that will be written
-            judged.eval()
-            agree = (judged(pools[0].x).argmax(1) == agree_labels).float().mean().item()
+            agree = (predict(judged, pools[0].x).argmax(1) == agree_labels).float().mean().item()  # in chunks
         m = {"loss": (run_loss / data.steps).item(), agree_key: agree, "lr": sc.get_last_lr()[0],
              "temperature": T, "alpha": alpha}
         if hints:

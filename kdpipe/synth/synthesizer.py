@@ -1,10 +1,11 @@
 """One round of the data-free algorithm (Fast-Datafree's ``synthesize()`` with SSD-KD's balancing and replay).
 
 Per round r, with teacher T (frozen), generator g (warm-started from round r−1), proxy student S, buffer B:
-  1. g_steps generator steps on fresh latent codes z (targets y: uniform, or ∝ 1/(hist_B + 1)), x = g(z):
+  1. g_steps generator steps on fresh latent codes z (targets y: uniform, or ∝ 1/(hist_B + 1)), x = g(z);
+     with ``latent: nayer`` z_i = W_{k_i}·e_{y_i} + b_{k_i}, fresh noisy layers each round (NoisyLatent):
        L_G = Σ_i [φ_i·(w_adv·ℓ_adv + w_act·ℓ_act) + φ_i^{phi_ce}·w_ce·ℓ_ce]/N + w_bn·L_BN + w_ie·L_ie
            + Σ_i (w_tv·ℓ_tv + w_l2·ℓ_l2)/N        (image prior: stands in for L_BN when T has no BN)
-       θ_g, z ← Adam(∇L_G; lr_g / lr_z, betas adam_beta1, adam_beta2)
+       θ_g, z ← Adam(∇L_G; lr_g / lr_z, betas adam_beta1, adam_beta2)      (nayer: θ_g, W, b ← Adam(lr_g))
      optionally Reptile: θ ← θ + η(θ_fast − θ)                                         (meta, meta_lr)
   2. BN prior: the momentum statistics move once, from the last generator step's batch statistics:
        μ̄_l ← m·μ̄_l + (1−m)·μ_l,  σ̄²_l ← m·σ̄²_l + (1−m)·σ²_l                           (bn_momentum m)
@@ -26,7 +27,7 @@ from kdpipe.accel import Accel
 from kdpipe.losses import distill_loss, kd_per_sample
 from kdpipe.models import penultimate
 from kdpipe.synth.bn_hooks import BNPrior
-from kdpipe.synth.generator import Generator
+from kdpipe.synth.generator import Generator, NoisyLatent
 from kdpipe.synth.losses import act_term, adv_term, ce_term, ie_term, l2_term, tv_term
 from kdpipe.synth.phi import phi_weights
 from kdpipe.synth.replay import ReplayBuffer, Reservoir, anneal_beta
@@ -52,6 +53,7 @@ class Synthesizer:
         C, ch, size = spec["num_classes"], spec["in_channels"], spec["image_size"]
         self.num_classes = C
         self.gen = Generator(s.nz, size, ch, s.ngf).to(device)
+        self.latent = NoisyLatent(C, s.nz, seed).to(device) if s.latent == "nayer" else None
         for m in (teacher, student, self.gen):
             acc.frozen_module(m)  # the memory format (channels_last on CUDA), in place
         self.opt_g = acc.adam(self.gen.parameters(), s.lr_g, (s.adam_beta1, s.adam_beta2))
@@ -86,17 +88,23 @@ class Synthesizer:
         else:
             targets = torch.randint(self.num_classes, (s.batch_size,), generator=g)
         targets = targets.to(device)
-        z = torch.randn(s.batch_size, s.nz, generator=g).to(device).requires_grad_(s.lr_z > 0)
-        fast = copy.deepcopy(self.gen) if s.meta else self.gen
         betas = (s.adam_beta1, s.adam_beta2)
+        if self.latent is not None:  # NAYER: fresh noisy layers, trained with the generator this round
+            self.latent.reset(targets, g)
+            code = lambda: self.latent(targets)  # noqa: E731
+            opt_z = acc.adam(self.latent.parameters(), s.lr_g, betas)
+        else:
+            z = torch.randn(s.batch_size, s.nz, generator=g).to(device).requires_grad_(s.lr_z > 0)
+            code = lambda: z  # noqa: E731
+            opt_z = acc.adam([z], s.lr_z, betas) if s.lr_z > 0 else None
+        fast = copy.deepcopy(self.gen) if s.meta else self.gen
         opt = acc.adam(fast.parameters(), s.lr_g, betas) if s.meta else self.opt_g
-        opt_z = acc.adam([z], s.lr_z, betas) if s.lr_z > 0 else None
         student.eval().requires_grad_(False)  # the adversarial term needs grads through it, not of its weights
         use_adv = s.w_adv > 0 and r >= s.warmup_rounds
         terms = []  # per step: the loss terms, on the device, checked once per round (no host sync per step)
         for _ in range(s.g_steps):
             with acc.autocast():
-                x = acc.inputs(fast(z))
+                x = acc.inputs(fast(code()))
                 if s.jitter:  # DeepInversion's random jitter: the image must hold under small shifts
                     x = shift_by(x, random_translations(len(x), s.jitter, generator=g))
                 t_logits = teacher(x).float()
@@ -133,6 +141,8 @@ class Synthesizer:
                     p.add_(q - p, alpha=s.meta_lr)
                 for b, bq in zip(self.gen.buffers(), fast.buffers()):
                     b.copy_(bq)
+        with torch.no_grad():
+            z = code().detach()
         return fast, z, {"loss_g": loss_g.item(), "bn": bn.item()}
 
     @torch.no_grad()
