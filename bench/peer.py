@@ -335,6 +335,14 @@ def _fit_distill(points: list) -> tuple[float, float, float]:
     return float(a), float(c), float(b)
 
 
+def calib_key(preset: dict, threads: int) -> str:
+    """The calibration cache's key: what sets the cost per round and per distilled image (the buffer's capacity and
+    the flip leave it as it is), the host and the threads."""
+    free = {("synthesize", "capacity"), ("distill", "flip")}
+    cost = {s: {k: v for k, v in d.items() if (s, k) not in free} if isinstance(d, dict) else d for s, d in preset.items()}
+    return hashlib.sha256(json.dumps(["v2", cost, platform.node(), threads], sort_keys=True).encode()).hexdigest()[:12]
+
+
 def kdpipe_plan(a, tdir: Path, preset: dict, budget_s: float) -> tuple[dict, Path]:
     """rounds and epochs for a budget, from measured stage walls (cached per preset, machine and threads in
     <work>/calib-*.json; every run adds its own walls, so the fit sharpens):
@@ -344,11 +352,7 @@ def kdpipe_plan(a, tdir: Path, preset: dict, budget_s: float) -> tuple[dict, Pat
     distill epochs), then
         rounds = floor((synth_share · B − a_s) / b_s);  kept = min(capacity, rounds · batch_size)
         epochs = max(1, floor(((1 − synth_share) · B − a_d − c_d · kept) / (b_d · kept)))"""
-    # the cost per round and per distilled image: the buffer's capacity and the flip leave them as they are
-    free = {("synthesize", "capacity"), ("distill", "flip")}
-    cost = {s: {k: v for k, v in d.items() if (s, k) not in free} if isinstance(d, dict) else d for s, d in preset.items()}
-    key = hashlib.sha256(json.dumps(["v2", cost, platform.node(), a.threads], sort_keys=True).encode()).hexdigest()[:12]
-    cache = Path(a.work) / f"calib-{key}.json"
+    cache = Path(a.work) / f"calib-{calib_key(preset, a.threads)}.json"
     syn = preset.get("synthesize", {})
     bs, cap = int(syn.get("batch_size", 256)), int(syn.get("capacity", 4096))
     if cache.exists():
