@@ -15,9 +15,9 @@ Retry rule (``transient``), the same for both callers: a stage is retried (``RET
 retried, since a re-run fails the same way: a config or data error (ConfigError, DataError: the CLI's
 exit 2), a NaN/inf stop (FloatingPointError: exit 1, "stopped:"), an export that failed its onnxruntime
 check (ExportError), a fault in the code itself (AttributeError, TypeError, NameError, ImportError,
-AssertionError, NotImplementedError: ``stages.CODE_ERRORS``). Anything else is taken as transient: an OSError (a disk, a tracking server or a
-DVC remote briefly away), a stage process killed by a signal (the OOM killer, a preempted node), DVC's
-own failures (its repo lock held by another process). (A stage's own ``check_tracking`` raises a
+AssertionError, NotImplementedError: ``stages.CODE_ERRORS``). Anything else is taken as transient: an
+OSError (a disk, a tracking server or a DVC remote briefly away), a stage process killed by a signal (the
+OOM killer, a preempted node), DVC's own failures (its repo lock held by another process). (A stage's own ``check_tracking`` raises a
 ConfigError, so a tracking server that goes away between preflight and a stage's start is not retried.)
 
 How a stage's kind of failure crosses ``dvc repro``: DVC does not pass the stage's exit code on (it
