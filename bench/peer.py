@@ -544,8 +544,9 @@ def guard(a) -> None:
                 if re.sub(r"-s\d+(?=-|$)", "", d["tag"]) == config and "kdpipe" in d.get("scores", {})]
 
     ref = of(a.config)
-    if not ref:
-        raise SystemExit(f"no recorded kdpipe rows for configuration {a.config!r} in bench/results/peer-*.json")
+    if not ref or any("plan" not in d["kdpipe"] for d in ref):
+        raise SystemExit(f"no recorded kdpipe rows for configuration {a.config!r} in bench/results/peer-*.json made "
+                         "by `run` (with their plan): nothing to guard")
     procs = []
     for d in ref:
         preset = Path(a.work) / "runs" / f"guard-{a.config}-s{d['seed']}.yaml"
