@@ -493,12 +493,18 @@ def run(a) -> None:
     print(path)
 
 
+def config_of(tag: str) -> str:
+    """A row's configuration: its tag without the seed (b15-s0-cap20k -> b15-cap20k)."""
+    import re
+
+    return re.sub(r"-s\d+(?=-|$)", "", tag)
+
+
 def table(a) -> None:
     """One markdown table per budget from bench/results/peer-*.json: each implementation and configuration (the
     tag without its seed), per seed val / test / test÷teacher, images made, data-free wall; then the mean and the
     spread (max − min) over the seeds. Test is shown only for the configurations named in ``--test`` (the choices
     made on val, and Fast's rows): a lever row is read on val only."""
-    import re
     from statistics import mean
 
     rows: dict = {}
@@ -506,7 +512,7 @@ def table(a) -> None:
         d = json.loads(f.read_text())
         if "smoke" in d["tag"] or "scores" not in d:
             continue
-        config = re.sub(r"-s\d+(?=-|$)", "", d["tag"])
+        config = config_of(d["tag"])
         for impl in ("fast", "kdpipe"):
             if impl in d["scores"]:
                 sc, run_ = d["scores"][impl], d.get(impl, {})
@@ -536,12 +542,11 @@ def guard(a) -> None:
     preset, ``--set`` items and synthesize share, every recorded seed at once, one thread each) and exit 1 when the
     new mean val accuracy is under the recorded mean by more than max(2 × the recorded spread over seeds, --tol):
     the benchmark that catches a silent drop of the data-free recipe (new rows: peer-<config>-guard-sN.json)."""
-    import re
     from statistics import mean
 
     def of(config):
         return [d for d in (json.loads(f.read_text()) for f in sorted((HERE / "results").glob("peer-*.json")))
-                if re.sub(r"-s\d+(?=-|$)", "", d["tag"]) == config and "kdpipe" in d.get("scores", {})]
+                if config_of(d["tag"]) == config and "kdpipe" in d.get("scores", {})]
 
     ref = of(a.config)
     if not ref or any("plan" not in d["kdpipe"] for d in ref):
