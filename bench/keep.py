@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--seed", type=int, default=0, help="the synthesis and distill seed (the teacher is seed 0's)")
     ap.add_argument("--tag", default=None, help="suffix of the results file")
+    ap.add_argument("--out", default=None, help="write the JSON here instead of bench/results/")
     a = ap.parse_args()
     config = str(Path(a.config).resolve())
     work = Path(a.workdir).resolve()
@@ -95,7 +96,8 @@ def main() -> int:
     cfgd = load_config(config, base)
     out = {"data": cfgd.data.name, "config": Path(a.config).name, "overrides": a.overrides, "seed": a.seed,
            "teacher_val": teacher_val, "synthesize_s": round(synth_s, 1), **run_info(), "rows": rows}
-    write_result(out, f"keep-{Path(a.config).stem}-s{a.seed}{'-' + a.tag if a.tag else ''}.json")
+    name = f"keep-{Path(a.config).stem}-s{a.seed}{'-' + a.tag if a.tag else ''}.json"
+    save_json(out, a.out) if a.out else write_result(out, name)
     return 0
 
 
