@@ -3,10 +3,12 @@
     python bench/keep.py --config configs/mnist.yaml --set data.root=<mnist ImageFolder> --seed 0 --workdir W0
 
 One synthesis per seed gives both sets: ``keep: reservoir`` changes only what the stage writes, not the generator,
-the buffer or the proxy student (tests/test_synth.py: the same bits), so the stage runs once with ``keep: reservoir``
+the buffer or the proxy student (tests/test_routes.py: the same bits), so the stage runs once with ``keep: reservoir``
 and, at its end, the buffer as the last round left it (what ``keep: buffer`` writes) is saved beside it. Then
 distill runs twice from the same proxy student, once per set, and each student is scored on the **validation**
-split only (choose there; the test split is read once, by ``kdpipe evaluate``, for the choice made).
+split only (choose there). Each student is kept as ``<workdir>/student-<keep>/``, so that the test split is read
+once, for the choice made: ``python -c "from bench.ablation import accuracy; print(accuracy('student-reservoir',
+'test'))"`` with ``PYTHONPATH`` on the repository, in the work folder.
 
 Runs prepare + train-teacher in the work folder when it has no teacher yet (seed 0's teacher, as bench/ablation.py),
 so two seeds can run side by side from copies of one folder. Writes bench/results/keep-<config>-s<seed>.json.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -89,6 +92,7 @@ def main() -> int:
         cfg = load_config(config, base + [f"synthesize.keep={keep}", f"seed={a.seed}"])
         t1 = time.perf_counter()
         run_stage("distill", cfg)
+        shutil.copytree(paths.STUDENT, work / f"student-{keep}", dirs_exist_ok=True)  # to read test once, for the choice
         rows.append({"keep": keep, "seed": a.seed, "split": "val", "student_val": accuracy("data/student", "val"),
                      "kept": len(st["x"]), "synthesized": gen, "hist_min": min(hist), "hist_max": max(hist),
                      "distill_s": round(time.perf_counter() - t1, 1)})
