@@ -352,7 +352,8 @@ def kdpipe_plan(a, tdir: Path, preset: dict, budget_s: float) -> tuple[dict, Pat
     distill epochs), then
         rounds = floor((synth_share · B − a_s) / b_s);  kept = min(capacity, rounds · batch_size)
         epochs = max(1, floor(((1 − synth_share) · B − a_d − c_d · kept) / (b_d · kept)))"""
-    cache = Path(a.work) / f"calib-{calib_key(preset, a.threads)}.json"
+    key = calib_key(preset, a.threads)
+    cache = Path(a.work) / f"calib-{key}.json"
     syn = preset.get("synthesize", {})
     bs, cap = int(syn.get("batch_size", 256)), int(syn.get("capacity", 4096))
     if cache.exists():
