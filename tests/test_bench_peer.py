@@ -42,6 +42,28 @@ def test_plan_fits_rounds_and_epochs_to_the_budget(peer, tmp_path):
     assert plan["rounds"] == 144 and plan["kept_planned"] == 18432 and plan["epochs"] == 1
 
 
+def test_plan_without_a_cache_calibrates_with_two_projects_and_caches_them(peer, tmp_path, monkeypatch):
+    """No cache for this preset: two calibration projects (R1, R2 rounds with 1 and 2 distill epochs), named by the
+    cache key, their walls written to the cache, and the plan fitted from them."""
+    preset = {"synthesize": {"batch_size": 128, "capacity": 5000}}
+    made = []
+
+    def project(a, tdir, proj, pre, extra):  # the walls of synthesize_s = 5·R, distill_s = 0.0016·kept·E
+        made.append((proj.name, extra))
+        r, e = extra["synthesize"]["rounds"], extra["distill"]["epochs"]
+        return {"stage_s": {"synthesize": 5.0 * r, "distill": 0.0016 * min(5000, r * 128) * e}}
+
+    monkeypatch.setattr(peer, "kdpipe_project", project)
+    a = types.SimpleNamespace(work=str(tmp_path), threads=1, synth_share=0.8, calib_rounds="2,6")
+    plan, cache = peer.kdpipe_plan(a, None, preset, 900.0)
+    key = peer.calib_key(preset, 1)
+    assert [m[0] for m in made] == [f"calib-{key}-r2", f"calib-{key}-r6"] and cache.name == f"calib-{key}.json"
+    assert json.loads(cache.read_text())["synth"] == [[2, 10.0, 5000], [6, 30.0, 5000]]
+    assert plan["rounds"] == 144 and plan["epochs"] == 22  # 180 / (0.0016 · 5000)
+    made.clear()
+    assert peer.kdpipe_plan(a, None, preset, 900.0)[0]["rounds"] == 144 and not made  # the cache, no new project
+
+
 def test_table_reads_val_everywhere_and_test_only_where_asked(peer, capsys):
     """The recorded rows print per budget; a configuration not named in --test shows 'not read' for test."""
     peer.table(types.SimpleNamespace(test="b15-tuned"))
