@@ -137,14 +137,16 @@ def global_batches(n: int, batch_size: int) -> list[slice]:
 def epoch_batches(x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, batch_size: int, device: torch.device,
                   workers: int = 0):
     """Yield (x, y) of this rank's shard of each global batch ``perm[i:i+batch_size]``, on ``device``:
-    by plain indexing when the data is already there, else through ``loader_batches``."""
+    through ``loader_batches`` when the data is on the host and ``device`` is not, else by plain indexing
+    (data already on the GPU may be named ``cuda:0`` while ``device`` is ``cuda``: DataLoader workers must
+    never see CUDA tensors, a forked worker cannot initialise CUDA)."""
     idx = [perm[s][dist.shard(s.stop - s.start)] for s in global_batches(len(perm), batch_size)]
-    if x.device != device:
+    if x.device.type == "cpu" and device.type != "cpu":
         yield from loader_batches(x, y, idx, device, workers)
         return
     for i in idx:
-        i = i.to(device)
-        yield x[i], y[i]
+        i = i.to(x.device)
+        yield x[i].to(device), y[i].to(device)
 
 
 def loader_batches(x: torch.Tensor, y: torch.Tensor, idx: list[torch.Tensor], device: torch.device, workers: int):

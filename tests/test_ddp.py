@@ -275,3 +275,17 @@ def test_torchrun_two_processes_train_teacher_and_distill_one_output_one_child_r
 
 def yaml_epochs(proj: Path, section: str = "teacher") -> int:
     return yaml.safe_load((proj / "params.yaml").read_text())[section]["epochs"]
+
+
+def test_resident_split_named_with_an_index_never_goes_through_workers(monkeypatch):
+    """A split already on the stage's device is indexed in place even when the two names differ (``cuda:0``
+    from ``.to("cuda")`` against the stage's ``cuda``; here ``cpu`` against ``cpu:0``): DataLoader workers are
+    only for a split on the host feeding a GPU (a forked worker cannot use CUDA: the first GPU run failed so)."""
+    def no_loader(*a, **k):
+        raise AssertionError("a resident split went through DataLoader workers")
+    monkeypatch.setattr(accel, "loader_batches", no_loader)
+    x, y = torch.randn(10, 1, 2, 2), torch.arange(10)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    got = list(accel.epoch_batches(x, y, perm, 4, torch.device("cpu", 0), workers=2))
+    assert [b[1].tolist() for b in got] == [perm[:4].tolist(), perm[4:8].tolist(), perm[8:].tolist()]
+    assert all(torch.equal(xb, x[yb]) for xb, yb in got)
