@@ -27,6 +27,7 @@ TARBALL=${GPU_CHECK_TARBALL:-data/carry/cifar10-train.tar.gz}
 STEPS=${GPU_CHECK_STEPS:-pipeline,accuracy,ddp,compile,speed}
 BUDGET=${GPU_CHECK_BUDGET_S:-510}          # seconds for the whole script; each step also has its own cap
 PER_CLASS=${GPU_CHECK_PER_CLASS:-1000}     # CIFAR-10 images per class for the pipeline runs (0: all 5,000)
+TEACHER_EPOCHS=${GPU_CHECK_TEACHER_EPOCHS:-10}  # the pipeline's teacher (3 epochs of ResNet-34 on 8,000 images: 0.13, undertrained)
 MIN_TEACHER_ACC=${GPU_CHECK_MIN_TEACHER_ACC:-0.15}  # chance is 0.10: a teacher at chance means broken numerics
 WORK=${GPU_CHECK_WORK:-}
 OUTDIR=${GPU_CHECK_OUT:-${OUT:-}}          # the device tool's $OUT: logs and metrics come back from there
@@ -361,7 +362,7 @@ step_data() {
 }
 
 # (1) the whole DAG in one process, the CUDA defaults spelled out, at a short budget
-PIPE_SETS=(--set speed.compile=false --set teacher.epochs=3 --set baseline.epochs=1
+PIPE_SETS=(--set speed.compile=false --set teacher.epochs=$TEACHER_EPOCHS --set baseline.epochs=1
            --set synthesize.rounds=10 --set synthesize.warmup_rounds=2 --set distill.epochs=3 --set export.int8=false)
 step_pipeline() {
   x mkdir -p "$W/pipeline"
@@ -384,17 +385,18 @@ copy_inputs() {
 # (3) the documented torchrun launch, one process (README "Multi-GPU and speed"), then the NCCL probe
 step_ddp() {
   copy_inputs "$W/ddp"
+  # distill first: it then learns from the pipeline's teacher, which made the synthetic set (train-teacher replaces it)
+  x torchrun --nproc_per_node 1 -m kdpipe distill --config "$CONFIG" "${COMMON[@]}" --set distill.epochs=1
   x torchrun --nproc_per_node 1 -m kdpipe train-teacher --config "$CONFIG" "${COMMON[@]}" \
     --set teacher.epochs=1 --set speed.data_on_device=false --set speed.workers=2
-  x torchrun --nproc_per_node 1 -m kdpipe distill --config "$CONFIG" "${COMMON[@]}" --set distill.epochs=1
   x torchrun --nproc_per_node 1 "$W/helpers/nccl_probe.py"
 }
 
 # (2) torch.compile of the training forward: the teacher (ResNet-34) and the student under distill (ResNet-18)
 step_compile() {
   copy_inputs "$W/compile"
-  x env TORCH_LOGS=recompiles kdpipe train-teacher --config "$CONFIG" "${COMMON[@]}" --set speed.compile=true --set teacher.epochs=1
   x env TORCH_LOGS=recompiles kdpipe distill --config "$CONFIG" "${COMMON[@]}" --set speed.compile=true --set distill.epochs=1
+  x env TORCH_LOGS=recompiles kdpipe train-teacher --config "$CONFIG" "${COMMON[@]}" --set speed.compile=true --set teacher.epochs=1
 }
 
 # (4) stage images/s against their floors (bench/speed.py prints the table; its JSON goes to bench/results/)
